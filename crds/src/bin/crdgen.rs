@@ -1,0 +1,23 @@
+//! Writes the CustomResourceDefinitions of recsys into a directory (by default
+//! `charts/recsys/crds/`), one file per kind, or prints them all with `--stdout`.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let target = args.next();
+    if target.as_deref() == Some("--stdout") {
+        for crd in recsys_crds::crds() {
+            print!("---\n{}", recsys_crds::crd_yaml(&crd)?);
+        }
+        return Ok(());
+    }
+    let dir = PathBuf::from(target.unwrap_or_else(|| "charts/recsys/crds".into()));
+    std::fs::create_dir_all(&dir)?;
+    for crd in recsys_crds::crds() {
+        let path = dir.join(recsys_crds::crd_file_name(&crd));
+        std::fs::write(&path, recsys_crds::crd_yaml(&crd)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! `ModelDeployment`: one model version rolled out shadow → canary → full, with analysis
+//! gates and instant rollback to the warm stable version.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::Duration;
+
+/// A model version to roll out to the scorer, and how.
+///
+/// The operator owns the scorer Deployment, Service, PodDisruptionBudget and routing table of
+/// this model. It moves through `strategy.steps` in order, checks `strategy.analysis` at every
+/// step, promotes the candidate to stable at the end, or rolls back at once to the stable version
+/// (which stays loaded in every scorer pod) when an analysis fails.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "recsys.io",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    plural = "modeldeployments",
+    singular = "modeldeployment",
+    shortname = "mdep",
+    category = "recsys",
+    namespaced,
+    status = "ModelDeploymentStatus",
+    doc = "A model version rolled out shadow → canary → full with analysis and rollback.",
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model"),
+    printcolumn(name = "Stable", type_ = "string", json_path = ".status.stableVersion"),
+    printcolumn(name = "Candidate", type_ = "string", json_path = ".spec.version"),
+    printcolumn(name = "Stage", type_ = "string", json_path = ".status.stage"),
+    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.canaryWeight"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// Name of the model in the registry (`models/<model>/` in the artifact store), for
+    /// example `als`. Lower-case letters, digits and `-`, at most 63 characters.
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    pub model: String,
+
+    /// The version to roll out, as registered by the trainer (`models/<model>/<version>/`).
+    /// When it equals the stable version there is nothing to roll out.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9._]*[A-Za-z0-9])?$"), length(min = 1, max = 128))]
+    pub version: String,
+
+    /// Where the model artifacts and registry live.
+    pub artifacts: ArtifactStore,
+
+    /// The scorer pods that serve this model.
+    #[serde(default)]
+    pub scorer: ScorerSpec,
+
+    /// How the candidate is rolled out.
+    pub strategy: RolloutStrategy,
+
+    /// Salt of the hash that assigns each user to a variant. A user keeps their variant as long
+    /// as the salt is unchanged; changing it reshuffles every user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub routing_salt: Option<String>,
+
+    /// Stops the rollout where it is: weights stay, no step advances. Rollback still happens
+    /// when an analysis fails.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Where the artifacts of a model live.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ArtifactStore {
+    /// `s3://bucket/prefix` for an S3-compatible object store, or `file:///path` for a local
+    /// directory (single-node installs).
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$') || self.startsWith('file:///')").message("must be s3://<bucket>[/prefix] or file:///<path>"))]
+    #[schemars(length(min = 8, max = 1024))]
+    pub uri: String,
+
+    /// Endpoint of a non-AWS S3 server, for example `http://seaweedfs.storage:8333`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub endpoint: Option<String>,
+
+    /// Region of the bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub region: Option<String>,
+
+    /// Use path-style addressing (`endpoint/bucket/key`), which most non-AWS servers need.
+    #[serde(default)]
+    pub force_path_style: bool,
+
+    /// Name of a Secret in this namespace with `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`. Without it the pods use their ambient credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub credentials_secret: Option<String>,
+}
+
+/// The scorer pods of a model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScorerSpec {
+    /// Number of scorer pods.
+    #[schemars(range(min = 0, max = 1000))]
+    #[serde(default = "default_replicas")]
+    pub replicas: i32,
+
+    /// Container image of the scorer; defaults to the operator's configured scorer image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub image: Option<String>,
+
+    /// Compute resources of the scorer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+impl Default for ScorerSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_replicas(),
+            image: None,
+            resources: None,
+        }
+    }
+}
+
+/// Steps of the rollout and the analysis that gates them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStrategy {
+    /// Steps run in order. Shadow steps come first, then canary steps with strictly increasing
+    /// weights (pauses may sit anywhere), and `full`, if present, is the last step.
+    #[schemars(length(min = 1, max = 20))]
+    #[x_kube(
+        validation = kube::core::Rule::new("self.all(s, [has(s.shadow), has(s.canary), has(s.pause), has(s.full)].filter(x, x).size() == 1)").message("each step sets exactly one of shadow, canary, pause, full"),
+        validation = kube::core::Rule::new("self.filter(s, !has(s.pause)).map(s, has(s.shadow) ? 0 : (has(s.canary) ? 1 : 2)).isSorted()").message("steps out of order: shadow steps come before canary steps, and full comes last"),
+        validation = kube::core::Rule::new("self.filter(s, has(s.canary)).map(s, s.canary.weight).isSorted() && self.all(a, !has(a.canary) || self.filter(b, has(b.canary) && b.canary.weight == a.canary.weight).size() == 1)").message("canary weights must strictly increase from step to step"),
+        validation = kube::core::Rule::new("!self.exists(s, has(s.full)) || (has(self[self.size() - 1].full) && self.filter(s, has(s.full)).size() == 1)").message("full may appear once, as the last step")
+    )]
+    pub steps: Vec<RolloutStep>,
+
+    /// Thresholds checked while the candidate takes traffic. A failed check rolls back.
+    #[serde(default)]
+    pub analysis: AnalysisSpec,
+}
+
+/// One step of a rollout: exactly one of its fields is set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStep {
+    /// Score every request with the candidate too, off the request path, and compare it with
+    /// stable; users never see shadow results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowStep>,
+    /// Send a share of users to the candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStep>,
+    /// Hold the current weights: for a duration, or until approved when no duration is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<PauseStep>,
+    /// Promote the candidate to stable for every user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<FullStep>,
+}
+
+/// Shadow the candidate for a while.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowStep {
+    /// How long to shadow before the next step.
+    pub duration: Duration,
+}
+
+/// Route a share of users to the candidate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStep {
+    /// Percentage of users (0–100) routed to the candidate.
+    #[schemars(range(min = 0, max = 100))]
+    pub weight: i32,
+    /// How long to hold this weight, with analysis running, before the next step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+}
+
+/// Hold the rollout.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PauseStep {
+    /// How long to hold. Without it the rollout waits for manual approval: the annotation
+    /// `recsys.io/approve` set to the step's index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+}
+
+/// Promote to every user.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct FullStep {}
+
+/// Analysis thresholds; every unset threshold is not checked.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisSpec {
+    /// How often the analysis runs while the candidate takes traffic.
+    #[serde(default = "default_interval")]
+    pub interval: Duration,
+    /// Consecutive failed analyses tolerated before rolling back.
+    #[serde(default = "default_failure_limit")]
+    #[schemars(range(min = 1, max = 10))]
+    pub failure_limit: i32,
+    /// Highest share (0–1) of candidate requests that may fail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: Option<f64>,
+    /// Highest p99 latency of candidate requests, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 60000.0))]
+    pub max_p99_latency_ms: Option<f64>,
+    /// Highest population stability index between candidate and stable score distributions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub max_score_drift_psi: Option<f64>,
+    /// Lowest mean top-k overlap (0–1) between candidate and stable lists for the same users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub min_top_k_overlap: Option<f64>,
+    /// Lowest ratio of the candidate's offline NDCG@10 to the champion's (e.g. 0.98).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub min_offline_metric_ratio: Option<f64>,
+}
+
+fn default_interval() -> Duration {
+    Duration::from("1m")
+}
+
+fn default_failure_limit() -> i32 {
+    1
+}
+
+impl Default for AnalysisSpec {
+    fn default() -> Self {
+        Self {
+            interval: default_interval(),
+            failure_limit: default_failure_limit(),
+            max_error_rate: None,
+            max_p99_latency_ms: None,
+            max_score_drift_psi: None,
+            min_top_k_overlap: None,
+            min_offline_metric_ratio: None,
+        }
+    }
+}
+
+/// Where a rollout stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum Stage {
+    /// Not started yet.
+    #[default]
+    Pending,
+    /// The candidate is shadowed.
+    Shadow,
+    /// The candidate takes a share of users.
+    Canary,
+    /// Held at a pause step.
+    Paused,
+    /// The candidate is stable for every user.
+    Promoted,
+    /// An analysis failed and stable serves every user again.
+    RolledBack,
+}
+
+/// Observed state of a ModelDeployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Accepted (the spec is valid), Ready (the scorer serves the stable version), Progressing
+    /// (a rollout is under way) and Degraded (an analysis failed).
+    #[serde(default)]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Where the rollout stands.
+    #[serde(default)]
+    pub stage: Stage,
+    /// The version every user not routed elsewhere gets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_version: Option<String>,
+    /// The candidate version while it takes traffic or is shadowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_version: Option<String>,
+    /// Percentage of users routed to the candidate.
+    #[serde(default)]
+    pub canary_weight: i32,
+    /// Index of the current step in `spec.strategy.steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<i32>,
+    /// When the current step started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    /// Past rollouts, newest first, at most 20.
+    #[serde(default)]
+    #[schemars(length(max = 20))]
+    pub history: Vec<RolloutRecord>,
+}
+
+/// One finished rollout.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRecord {
+    /// The version rolled out.
+    pub version: String,
+    /// How it ended.
+    pub outcome: Stage,
+    /// Why it ended that way.
+    #[serde(default)]
+    pub reason: String,
+    /// When it ended.
+    pub finished_at: Time,
+}
