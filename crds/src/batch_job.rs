@@ -69,10 +69,13 @@ pub struct BatchJobSpec {
     /// Names of BatchJobs in this namespace that must have succeeded since this job's last run
     /// before it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8), inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")))]
+    #[schemars(
+        length(max = 8),
+        inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))
+    )]
     pub after: Vec<String>,
 
-    /// Upper bound on one attempt's run time; the attempt fails when it passes.
+    /// Upper bound on a run's time, all attempts included; the run fails when it passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_deadline: Option<Duration>,
 
@@ -155,39 +158,26 @@ impl JobKind {
     }
 }
 
-/// How failed runs are retried.
+/// How failed runs are retried. Attempts back off exponentially (10 s, 20 s, 40 s, … capped
+/// at 6 minutes, the Kubernetes Job controller's schedule).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicy {
-    /// Attempts per run, the first included (1–10). Failures the trainer reports as not
-    /// retryable stop at once.
+    /// Attempts per run, the first included (1–10). A failure the trainer reports as not
+    /// retryable (exit code 2) stops the run at once.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: i32,
-    /// Wait before the second attempt; doubles after every further failure.
-    #[serde(default = "default_backoff")]
-    pub backoff: Duration,
-    /// Upper bound on the wait between attempts.
-    #[serde(default = "default_max_backoff")]
-    pub max_backoff: Duration,
 }
 
 fn default_max_attempts() -> i32 {
     3
-}
-fn default_backoff() -> Duration {
-    Duration::from("30s")
-}
-fn default_max_backoff() -> Duration {
-    Duration::from("10m")
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         Self {
             max_attempts: default_max_attempts(),
-            backoff: default_backoff(),
-            max_backoff: default_max_backoff(),
         }
     }
 }
@@ -210,7 +200,10 @@ pub enum ConcurrencyPolicy {
 #[x_kube(validation = kube::core::Rule::new("self.from < self.to").message("backfill.from must be before backfill.to"))]
 pub struct BackfillSpec {
     /// Names of the features to recompute (FeatureDefinition `spec.name`).
-    #[schemars(length(min = 1, max = 64), inner(regex(pattern = r"^[a-z][a-z0-9_]*$")))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(regex(pattern = r"^[a-z][a-z0-9_]*$"))
+    )]
     pub features: Vec<String>,
     /// Start of the range (inclusive), RFC 3339.
     pub from: Time,
@@ -223,7 +216,10 @@ pub struct BackfillSpec {
 #[serde(rename_all = "camelCase")]
 pub struct CfTrainSpec {
     /// Model name in the registry.
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(min = 1, max = 63))]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+        length(min = 1, max = 63)
+    )]
     pub model: String,
     /// A ModelDeployment in this namespace that receives each published candidate, which then
     /// starts its rollout (shadow first).

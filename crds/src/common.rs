@@ -25,7 +25,9 @@ pub struct Duration(
 
 /// Why a [`Duration`] string could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid duration {value:?}: {reason} (expected <integer><unit> pairs such as 90s, 30m or 1h30m; units ms, s, m, h, d)")]
+#[error(
+    "invalid duration {value:?}: {reason} (expected <integer><unit> pairs such as 90s, 30m or 1h30m; units ms, s, m, h, d)"
+)]
 pub struct DurationError {
     value: String,
     reason: String,

@@ -9,7 +9,8 @@ use crate::batch_job::JobKind;
 use crate::common::Duration;
 
 /// Semantic version pattern (semver.org 2.0.0, without build metadata).
-pub const SEMVER_PATTERN: &str = r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$";
+pub const SEMVER_PATTERN: &str =
+    r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$";
 
 /// One feature: what it describes, how it is computed, where it is served, how fresh it must
 /// be. The operator validates it against the other definitions (lineage, versioning) and records
@@ -30,8 +31,16 @@ pub const SEMVER_PATTERN: &str = r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0
     printcolumn(name = "Entity", type_ = "string", json_path = ".spec.entity"),
     printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
     printcolumn(name = "Type", type_ = "string", json_path = ".spec.valueType"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
@@ -61,7 +70,12 @@ pub struct FeatureDefinitionSpec {
 
     /// Semantic version `MAJOR.MINOR.PATCH`. A new major version is stored side by side with
     /// the old one; changing entity, value type or computation requires a new version.
-    #[schemars(regex(pattern = r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"), length(max = 64))]
+    #[schemars(
+        regex(
+            pattern = r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
+        ),
+        length(max = 64)
+    )]
     pub version: String,
 
     /// Type of the value.

@@ -1,0 +1,235 @@
+//! Connection settings and clients of the production stores: Postgres (offline features,
+//! registry index, run history, events), Redis (online features) and an S3-compatible object
+//! store (model artifacts).
+
+use std::time::Duration;
+
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use clap::{Args, ValueEnum};
+
+/// Why a store could not be reached or configured.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Postgres refused the connection or the query.
+    #[error("postgres at {url}: {source}")]
+    Postgres {
+        /// The URL with any password removed.
+        url: String,
+        /// The driver's error.
+        source: sqlx::Error,
+    },
+    /// Redis refused the connection or the command.
+    #[error("redis at {url}: {source}")]
+    Redis {
+        /// The URL with any password removed.
+        url: String,
+        /// The client's error.
+        source: redis::RedisError,
+    },
+    /// The S3 settings are incomplete.
+    #[error("s3 configuration: {0}")]
+    S3Config(String),
+}
+
+impl StoreError {
+    /// Stable label for metrics and events.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Postgres { .. } => "PostgresUnavailable",
+            Self::Redis { .. } => "RedisUnavailable",
+            Self::S3Config(_) => "S3Misconfigured",
+        }
+    }
+}
+
+/// Removes the password from a URL so it can be logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Postgres options.
+#[derive(Args, Clone, Debug)]
+pub struct PostgresArgs {
+    /// Postgres URL, for example `postgres://recsys@db:5432/recsys`.
+    #[arg(long = "database-url", env = "RECSYS_DATABASE_URL")]
+    pub url: String,
+    /// Largest number of pooled connections.
+    #[arg(
+        long = "database-max-connections",
+        env = "RECSYS_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 8
+    )]
+    pub max_connections: u32,
+}
+
+/// Opens a Postgres pool and checks that the server answers.
+pub async fn postgres(args: &PostgresArgs) -> Result<sqlx::PgPool, StoreError> {
+    let err = |source| StoreError::Postgres {
+        url: redact_url(&args.url),
+        source,
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(args.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&args.url)
+        .await
+        .map_err(err)?;
+    sqlx::query("SELECT 1").execute(&pool).await.map_err(err)?;
+    Ok(pool)
+}
+
+/// Redis options.
+#[derive(Args, Clone, Debug)]
+pub struct RedisArgs {
+    /// Redis URL, for example `redis://cache:6379/0`.
+    #[arg(long = "redis-url", env = "RECSYS_REDIS_URL")]
+    pub url: String,
+}
+
+/// Opens a multiplexed, self-reconnecting Redis connection and checks that the server answers.
+pub async fn redis(args: &RedisArgs) -> Result<redis::aio::ConnectionManager, StoreError> {
+    let err = |source| StoreError::Redis {
+        url: redact_url(&args.url),
+        source,
+    };
+    let client = redis::Client::open(args.url.as_str()).map_err(err)?;
+    let mut conn = redis::aio::ConnectionManager::new(client)
+        .await
+        .map_err(err)?;
+    let _: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(err)?;
+    Ok(conn)
+}
+
+/// When the S3 client computes and checks checksums. AWS S3 supports `when-supported`
+/// (the SDK default); several S3-compatible servers mishandle streaming trailer checksums, so
+/// `when-required` is offered for them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ChecksumMode {
+    /// Compute request checksums and validate responses whenever the operation supports it.
+    #[default]
+    WhenSupported,
+    /// Only when the operation requires it.
+    WhenRequired,
+}
+
+/// S3 options.
+#[derive(Args, Clone, Debug)]
+pub struct S3Args {
+    /// Endpoint of a non-AWS S3 server, for example `http://seaweedfs:8333`; AWS when unset.
+    #[arg(long = "s3-endpoint", env = "RECSYS_S3_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Region of the bucket.
+    #[arg(
+        long = "s3-region",
+        env = "RECSYS_S3_REGION",
+        default_value = "us-east-1"
+    )]
+    pub region: String,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most non-AWS servers.
+    #[arg(
+        long = "s3-force-path-style",
+        env = "RECSYS_S3_FORCE_PATH_STYLE",
+        default_value_t = false
+    )]
+    pub force_path_style: bool,
+    /// Checksum behaviour of requests and responses.
+    #[arg(long = "s3-checksums", env = "RECSYS_S3_CHECKSUMS", value_enum, default_value_t = ChecksumMode::WhenSupported)]
+    pub checksums: ChecksumMode,
+    /// Access key id; the default AWS credential chain when unset.
+    #[arg(
+        long = "s3-access-key-id",
+        env = "AWS_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
+    pub access_key_id: Option<String>,
+    /// Secret access key, required with an access key id.
+    #[arg(
+        long = "s3-secret-access-key",
+        env = "AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    pub secret_access_key: Option<String>,
+}
+
+/// Builds an S3 client from the options. No request is sent.
+pub async fn s3(args: &S3Args) -> Result<aws_sdk_s3::Client, StoreError> {
+    let (request, response) = match args.checksums {
+        ChecksumMode::WhenSupported => (
+            RequestChecksumCalculation::WhenSupported,
+            ResponseChecksumValidation::WhenSupported,
+        ),
+        ChecksumMode::WhenRequired => (
+            RequestChecksumCalculation::WhenRequired,
+            ResponseChecksumValidation::WhenRequired,
+        ),
+    };
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(Region::new(args.region.clone()));
+    match (&args.access_key_id, &args.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            loader = loader.credentials_provider(Credentials::new(
+                id,
+                secret,
+                None,
+                None,
+                "recsys-args",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(StoreError::S3Config(
+                "an access key id was given without a secret access key (--s3-secret-access-key / AWS_SECRET_ACCESS_KEY)".into(),
+            ));
+        }
+        _ => {}
+    }
+    let shared = loader.load().await;
+    let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(args.force_path_style)
+        .request_checksum_calculation(request)
+        .response_checksum_validation(response);
+    if let Some(endpoint) = &args.endpoint {
+        builder = builder.endpoint_url(endpoint);
+    }
+    Ok(aws_sdk_s3::Client::from_conf(builder.build()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(
+            redact_url("postgres://recsys:secret@db:5432/recsys"),
+            "postgres://recsys:***@db:5432/recsys"
+        );
+        assert_eq!(redact_url("redis://cache:6379/0"), "redis://cache:6379/0");
+    }
+
+    #[tokio::test]
+    async fn half_credentials_are_refused() {
+        let args = S3Args {
+            endpoint: Some("http://127.0.0.1:1".into()),
+            region: "us-east-1".into(),
+            force_path_style: true,
+            checksums: ChecksumMode::WhenRequired,
+            access_key_id: Some("id".into()),
+            secret_access_key: None,
+        };
+        let err = s3(&args).await.expect_err("must refuse");
+        assert_eq!(err.kind(), "S3Misconfigured");
+        assert!(err.to_string().contains("secret access key"), "{err}");
+    }
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Stop everything tests/env/up.sh started (by PID / process group). Caches are kept.
+#   bash tests/env/down.sh           # stop
+#   bash tests/env/down.sh --purge   # stop and delete the state dir (data, certs, logs)
+set -euo pipefail
+
+SECONDS=0
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=lib.sh
+source "$SCRIPT_DIR/lib.sh"
+
+purge=false
+for arg in "$@"; do
+	case "$arg" in
+	--purge) purge=true ;;
+	-h | --help)
+		sed -n '2,4p' "$0"
+		exit 0
+		;;
+	*) die "unknown argument: $arg (expected --purge)" ;;
+	esac
+done
+
+if [[ ! -d "$TESTENV_DIR" ]]; then
+	log "nothing to do: $TESTENV_DIR does not exist"
+	exit 0
+fi
+
+exec 9>"$TESTENV_DIR/.lock"
+flock -w 60 9 || die "another up.sh/down.sh holds $TESTENV_DIR/.lock"
+
+if [[ -d "$PIDS_DIR" ]]; then
+	for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+		svc="${SERVICES[i]}"
+		case "$svc" in
+		postgres) svc_stop postgres INT 30 ;; # fast shutdown via the postmaster
+		*) svc_stop "$svc" TERM 15 ;;
+		esac
+	done
+fi
+
+if $purge; then
+	pg_dir="$TESTENV_DIR/postgres"
+	if [[ -L "$pg_dir" ]]; then
+		target="$(readlink "$pg_dir")"
+		[[ "$target" == "$(pg_fallback_dir)" ]] && rm -rf "$target"
+	fi
+	exec 9>&-
+	rm -rf "$TESTENV_DIR"
+	log "stopped; purged $TESTENV_DIR (caches kept in $TESTENV_CACHE)"
+else
+	log "stopped (state kept in $TESTENV_DIR; caches in $TESTENV_CACHE)"
+fi
