@@ -71,7 +71,7 @@ proc_is_zombie() {
 svc_pid() {
 	local f="$PIDS_DIR/$1.pid" pid st
 	[[ -f "$f" ]] || return 1
-	read -r pid st <"$f" || true
+	read -r pid st _ <"$f" || true
 	[[ "$pid" =~ ^[0-9]+$ ]] || return 1
 	[[ -e "/proc/$pid" ]] || return 1
 	[[ "$(proc_start_time "$pid")" == "$st" ]] || return 1

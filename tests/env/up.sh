@@ -48,10 +48,11 @@ ensure_apt_packages() {
 		chmod 755 /usr/sbin/policy-rc.d
 		own_policy=true
 	fi
-	local rc=0
-	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } || rc=$?
+	local rc=0 aptlog="$LOGS_DIR/apt.log"
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } \
+		>>"$aptlog" 2>&1 || rc=$?
 	$own_policy && rm -f /usr/sbin/policy-rc.d
-	((rc == 0)) || die "apt-get install ${missing[*]} failed (exit $rc)"
+	((rc == 0)) || { tail -n 30 "$aptlog" >&2; die "apt-get install ${missing[*]} failed (exit $rc, log: $aptlog)"; }
 }
 ensure_apt_packages
 PG_BIN="$(find_pg_bin)"
@@ -60,7 +61,6 @@ PG_BIN="$(find_pg_bin)"
 # =============================================================================
 # 2. Binaries, cached outside the repo
 # =============================================================================
-mkdir -p "$TESTENV_CACHE/logs"
 exec 8>"$TESTENV_CACHE/.lock"
 
 need_go() {
@@ -91,7 +91,7 @@ build_controlplane() {
 	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 		ld+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$K8S_MINOR -X $pkg.gitTreeState=clean"
 	done
-	log "building control plane $v (k8s apiserver/controller-manager/scheduler/kubectl/etcd) into $CP_DIR -- a cold build takes tens of minutes on 2 cores"
+	log "building control plane $v (k8s apiserver/controller-manager/scheduler/kubectl/etcd) into $CP_DIR (about 5 min on 2 cores with a cold Go build cache)"
 	rm -rf "$CP_DIR" && mkdir -p "$CP_DIR/bin"
 	(cd "$SCRIPT_DIR/controlplane" &&
 		CGO_ENABLED=0 GOTOOLCHAIN=local GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" \
@@ -183,6 +183,31 @@ KUBECTL="$BIN_DIR/kubectl"
 # =============================================================================
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# True if a non-listening TCP socket (e.g. a client connection, or one in
+# TIME_WAIT) has local port $1: binding the port would fail with EADDRINUSE.
+port_taken_by_client() {
+	local hex
+	hex="$(printf '%04X' "$1")"
+	cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=":$hex" '$2 ~ p"$" && $4 != "0A" { found = 1 } END { exit !found }'
+}
+
+# All default ports lie in Linux's ephemeral range (32768-60999), so an outgoing
+# connection can pick one of them as its source port and block our bind. As root,
+# add them to net.ipv4.ip_local_reserved_ports (not persistent) so it cannot.
+reserve_ports() {
+	local f=/proc/sys/net/ipv4/ip_local_reserved_ports cur new svc p
+	$IS_ROOT && [[ -w "$f" ]] || return 0
+	cur="$(cat "$f")"
+	new="$cur"
+	for svc in "${SERVICES[@]}"; do
+		for p in $(svc_ports "$svc"); do
+			echo "$cur" | tr ',' '\n' | awk -F- -v p="$p" '($2 == "" && $1 == p) || ($2 != "" && p >= $1 && p <= $2) { f = 1 } END { exit !f }' ||
+				new="${new:+$new,}$p"
+		done
+	done
+	[[ "$new" == "$cur" ]] || echo "$new" >"$f" 2>/dev/null || warn "could not reserve ports in $f"
+}
+
 svc_ports() {
 	case "$1" in
 	postgres) echo "$PG_PORT" ;;
@@ -196,7 +221,11 @@ svc_ports() {
 	esac
 }
 
-# svc_start NAME CMD...  -- runs CMD in its own session/process group, logs appended
+cmd_hash() { printf '%s\0' "$@" | sha256sum | cut -c1-16; }
+
+# svc_start NAME CMD...  -- runs CMD in its own session/process group (so down.sh
+# can kill the whole group), output appended to logs/NAME.log. The pid file holds
+# "PID STARTTIME CMDHASH".
 svc_start() {
 	local name="$1" pid st
 	shift
@@ -205,7 +234,7 @@ svc_start() {
 	(cd "$TESTENV_DIR" && exec setsid "$@" >>"$logf" 2>&1 </dev/null 8>&- 9>&-) &
 	pid=$!
 	st="$(proc_start_time "$pid")" || true
-	echo "$pid $st" >"$PIDS_DIR/$name.pid"
+	echo "$pid $st $(cmd_hash "$@")" >"$PIDS_DIR/$name.pid"
 }
 
 # wait_healthy NAME TIMEOUT CHECK...  -- polls CHECK; fails early if NAME died
@@ -228,42 +257,62 @@ wait_healthy() {
 	done
 }
 
-# ensure NAME CHECK_FN START_FN TIMEOUT [STOP_SIGNAL]
+# ensure NAME TIMEOUT [STOP_SIGNAL]
+# Uses the functions <name>_cmd (sets the CMD array), <name>_healthy, and the
+# optional <name>_pre (before start) and <name>_post (after start, before the
+# health wait). A running service is kept if it is healthy and was started with
+# the same command line; otherwise it is restarted.
 ensure() {
-	local name="$1" check="$2" start="$3" timeout="$4" stopsig="${5:-TERM}" pid p
+	local name="$1" timeout="$2" stopsig="${3:-TERM}" fn="${1//-/_}" pid p have want
+	CMD=()
+	"${fn}_cmd"
+	want="$(cmd_hash "${CMD[@]}")"
 	if pid="$(svc_pid "$name")"; then
-		if wait_healthy "$name" 20 "$check" 2>/dev/null; then
+		read -r _ _ have _ <"$PIDS_DIR/$name.pid" || true
+		if [[ "$have" != "$want" ]]; then
+			log "$name (pid $pid): command line changed, restarting it"
+			svc_stop "$name" "$stopsig"
+		elif wait_healthy "$name" 20 "${fn}_healthy" 2>/dev/null; then
 			log "$name already running and healthy (pid $pid)"
 			return 0
+		else
+			warn "$name (pid $pid) is running but unhealthy: restarting it"
+			svc_stop "$name" "$stopsig"
 		fi
-		warn "$name (pid $pid) is running but unhealthy: restarting it"
-		svc_stop "$name" "$stopsig"
 	elif [[ -f "$PIDS_DIR/$name.pid" ]]; then
 		log "$name: removing stale pid file"
 		rm -f "$PIDS_DIR/$name.pid"
 	fi
 	for p in $(svc_ports "$name"); do
 		port_in_use "$p" && die "port 127.0.0.1:$p (for $name) is in use by a process this script did not start; stop it or override the port (see tests/env/README.md)"
+		if port_taken_by_client "$p"; then
+			log "port $p (for $name) is the source port of a client connection; waiting up to 70s for it to close"
+			local deadline=$((SECONDS + 70))
+			while port_taken_by_client "$p"; do
+				((SECONDS < deadline)) || die "port 127.0.0.1:$p (for $name) is still used by a client connection (see: ss -tanp 'sport = :$p')"
+				sleep 1
+			done
+		fi
 	done
 	log "starting $name"
-	"$start"
-	wait_healthy "$name" "$timeout" "$check" || die "$name failed to start (log: $LOGS_DIR/$name.log)"
+	if declare -F "${fn}_pre" >/dev/null; then "${fn}_pre"; fi
+	svc_start "$name" "${CMD[@]}"
+	if declare -F "${fn}_post" >/dev/null; then "${fn}_post"; fi
+	wait_healthy "$name" "$timeout" "${fn}_healthy" || die "$name failed to start (log: $LOGS_DIR/$name.log)"
 	log "$name ready (pid $(svc_pid "$name"))"
 }
+
+reserve_ports
 
 # =============================================================================
 # 4. PKI and kubeconfig
 # =============================================================================
+# Incremental: a missing leaf is (re)issued from the existing CA; a missing CA
+# regenerates everything (and the control plane is restarted to pick it up).
+PKI_CHANGED=false
 gen_pki() {
-	local f ok=true
-	for f in ca.crt ca.key apiserver.crt apiserver.key sa.key sa.pub admin.crt admin.key; do
-		[[ -s "$PKI_DIR/$f" ]] || ok=false
-	done
-	$ok && return 0
-	log "generating CA, serving cert, service-account keys and admin client cert in $PKI_DIR"
-	local tmp
-	tmp="$(mktemp -d "$TESTENV_DIR/.pki.XXXXXX")"
-	cat >"$tmp/openssl.cnf" <<'EOF'
+	local ca
+	cat >"$PKI_DIR/openssl.cnf" <<'EOF'
 [req]
 distinguished_name = dn
 prompt = no
@@ -296,25 +345,55 @@ extendedKeyUsage = clientAuth
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 EOF
+	# issue NAME CA EXTENSIONS SUBJECT
+	issue() {
+		[[ -s "$1.crt" && -s "$1.key" ]] && return 0
+		log "pki: issuing $1 ($4)"
+		openssl genrsa -out "$1.key" 2048
+		openssl req -new -key "$1.key" -config openssl.cnf -subj "$4" -out "$1.csr"
+		openssl x509 -req -in "$1.csr" -CA "$2.crt" -CAkey "$2.key" -set_serial "0x$(openssl rand -hex 16)" \
+			-days 3650 -sha256 -extfile openssl.cnf -extensions "$3" -out "$1.crt"
+		rm -f "$1.csr"
+		PKI_CHANGED=true
+	}
 	(
-		cd "$tmp"
 		set -e
-		exec 2>openssl.log
-		for k in ca apiserver sa admin; do openssl genrsa -out "$k.key" 2048; done
-		openssl rsa -in sa.key -pubout -out sa.pub
-		openssl req -x509 -new -key ca.key -config openssl.cnf -extensions v3_ca -subj "/CN=recsys-testenv-ca" -days 3650 -sha256 -out ca.crt
-		openssl req -new -key apiserver.key -config openssl.cnf -subj "/CN=kube-apiserver" -out apiserver.csr
-		openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" -days 3650 -sha256 \
-			-extfile openssl.cnf -extensions v3_server -out apiserver.crt
-		openssl req -new -key admin.key -config openssl.cnf -subj "/O=system:masters/CN=recsys-admin" -out admin.csr
-		openssl x509 -req -in admin.csr -CA ca.crt -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" -days 3650 -sha256 \
-			-extfile openssl.cnf -extensions v3_client -out admin.crt
+		cd "$PKI_DIR"
+		exec 2>>openssl.log
+		for ca in ca front-proxy-ca; do
+			[[ -s "$ca.crt" && -s "$ca.key" ]] && continue
+			log "pki: generating $ca"
+			if [[ "$ca" == ca ]]; then # new cluster CA: everything it signed is invalid now
+				rm -f apiserver.* admin.* ../kubeconfig
+			else
+				rm -f front-proxy-client.*
+			fi
+			openssl genrsa -out "$ca.key" 2048
+			openssl req -x509 -new -key "$ca.key" -config openssl.cnf -extensions v3_ca -subj "/CN=recsys-testenv-$ca" \
+				-days 3650 -sha256 -out "$ca.crt"
+		done
+		issue apiserver ca v3_server "/CN=kube-apiserver"
+		issue admin ca v3_client "/O=system:masters/CN=recsys-admin"
+		issue front-proxy-client front-proxy-ca v3_client "/CN=front-proxy-client"
+		if [[ ! -s sa.key || ! -s sa.pub ]]; then
+			log "pki: generating service-account key pair"
+			openssl genrsa -out sa.key 2048
+			openssl rsa -in sa.key -pubout -out sa.pub
+		fi
 		chmod 600 ./*.key
-	) || die "openssl failed: $(cat "$tmp/openssl.log" 2>/dev/null)"
-	rm -rf "$PKI_DIR"
-	mv "$tmp" "$PKI_DIR"
+		$PKI_CHANGED && touch .changed
+		true
+	) || die "openssl failed: $(tail -n 20 "$PKI_DIR/openssl.log" 2>/dev/null)"
+	if [[ -e "$PKI_DIR/.changed" ]]; then
+		PKI_CHANGED=true
+		rm -f "$PKI_DIR/.changed"
+	fi
 }
 gen_pki
+if $PKI_CHANGED; then
+	# running components may hold certificates that no longer match
+	for s in kwok scheduler controller-manager apiserver; do svc_stop "$s"; done
+fi
 
 KUBECONFIG_FILE="$TESTENV_DIR/kubeconfig"
 write_kubeconfig() {
@@ -369,143 +448,155 @@ mkdir -p "$PG_DIR"
 $IS_ROOT && chown postgres:postgres "$PG_DIR"
 chmod 700 "$PG_DIR"
 
-pg_healthy() {
-	[[ "$(PGPASSWORD="$PG_PASSWORD" PGCONNECT_TIMEOUT=3 "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -tAXc 'select 1' 2>/dev/null)" == 1 ]]
-}
-pg_accepting() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -t 2; }
-pg_start() {
-	if [[ ! -f "$PG_DATA/PG_VERSION" ]]; then
-		log "initdb $PG_DATA"
-		rm -rf "$PG_DATA"
-		printf '%s\n' "$PG_PASSWORD" >"$PG_DIR/.pwfile"
-		$IS_ROOT && chown postgres:postgres "$PG_DIR/.pwfile"
-		chmod 600 "$PG_DIR/.pwfile"
-		as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --pwfile="$PG_DIR/.pwfile" \
-			--auth-local=trust --auth-host=scram-sha-256 --encoding=UTF8 --locale=C >>"$LOGS_DIR/postgres-initdb.log" 2>&1 ||
-			die "initdb failed, see $LOGS_DIR/postgres-initdb.log"
-		rm -f "$PG_DIR/.pwfile"
-	fi
+pg_psql() { PGPASSWORD="$PG_PASSWORD" PGCONNECT_TIMEOUT=3 "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -X "$@"; }
+postgres_healthy() { [[ "$(pg_psql -d "$PG_DB" -tAc 'select 1' 2>/dev/null)" == 1 ]]; }
+postgres_cmd() {
 	# Throwaway test database: durability settings off for speed.
-	svc_start postgres "${PG_RUN[@]}" "$PG_BIN/postgres" -D "$PG_DATA" -p "$PG_PORT" \
-		-c listen_addresses=127.0.0.1 -c unix_socket_directories= -c max_connections=200 \
-		-c fsync=off -c synchronous_commit=off -c full_page_writes=off
+	CMD=("${PG_RUN[@]}" "$PG_BIN/postgres" -D "$PG_DATA" -p "$PG_PORT"
+		-c listen_addresses=127.0.0.1 -c unix_socket_directories= -c max_connections=200
+		-c fsync=off -c synchronous_commit=off -c full_page_writes=off)
+}
+postgres_pre() {
+	[[ -f "$PG_DATA/PG_VERSION" ]] && return 0
+	log "initdb $PG_DATA"
+	rm -rf "$PG_DATA"
+	printf '%s\n' "$PG_PASSWORD" >"$PG_DIR/.pwfile"
+	$IS_ROOT && chown postgres:postgres "$PG_DIR/.pwfile"
+	chmod 600 "$PG_DIR/.pwfile"
+	as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --pwfile="$PG_DIR/.pwfile" \
+		--auth-local=trust --auth-host=scram-sha-256 --encoding=UTF8 --locale=C >>"$LOGS_DIR/postgres-initdb.log" 2>&1 ||
+		die "initdb failed, see $LOGS_DIR/postgres-initdb.log"
+	rm -f "$PG_DIR/.pwfile"
+}
+# shellcheck disable=SC2329 # called indirectly
+pg_accepting() { "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -t 2; }
+postgres_post() {
 	wait_healthy postgres 60 pg_accepting || die "postgres did not accept connections (log: $LOGS_DIR/postgres.log)"
-	if [[ "$(PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAXc \
-		"select 1 from pg_database where datname = '$PG_DB'")" != 1 ]]; then
-		PGPASSWORD="$PG_PASSWORD" "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -qX -c "create database $PG_DB" ||
-			die "create database $PG_DB failed"
+	if [[ "$(pg_psql -d postgres -tAc "select 1 from pg_database where datname = '$PG_DB'")" != 1 ]]; then
+		pg_psql -d postgres -q -c "create database $PG_DB" || die "create database $PG_DB failed"
 	fi
 }
-ensure postgres pg_healthy pg_start 60 INT
+ensure postgres 60 INT
 
 # =============================================================================
 # 6. Redis (no persistence)
 # =============================================================================
 mkdir -p "$TESTENV_DIR/redis"
 redis_healthy() { [[ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" == PONG ]]; }
-redis_start() {
-	svc_start redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --protected-mode yes \
-		--save "" --appendonly no --daemonize no --dir "$TESTENV_DIR/redis" --logfile ""
+redis_cmd() {
+	CMD=(redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --protected-mode yes
+		--save "" --appendonly no --daemonize no --dir "$TESTENV_DIR/redis" --logfile "")
 }
-ensure redis redis_healthy redis_start 30
+ensure redis 30
 
 # =============================================================================
 # 7. SeaweedFS S3 (weed mini) + bucket
 # =============================================================================
 SW_STATE="$TESTENV_DIR/seaweedfs"
 mkdir -p "$SW_STATE/data"
-cat >"$SW_STATE/s3.json" <<EOF
+cat >"$SW_STATE/s3.json.tmp" <<EOF2
 {"identities": [{"name": "recsys",
   "credentials": [{"accessKey": "$S3_ACCESS_KEY", "secretKey": "$S3_SECRET_KEY"}],
   "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
-EOF
+EOF2
+mv "$SW_STATE/s3.json.tmp" "$SW_STATE/s3.json"
 s3_bucket() {
 	"$SW_PY" "$SCRIPT_DIR/s3_bucket.py" --endpoint "http://127.0.0.1:$S3_PORT" --bucket "$S3_BUCKET" \
 		--access-key "$S3_ACCESS_KEY" --secret-key "$S3_SECRET_KEY" --region "$S3_REGION" "$@"
 }
-s3_healthy() { s3_bucket --check; }
-s3_ping() { curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$S3_PORT/"; }
-seaweed_start() {
+seaweedfs_healthy() { s3_bucket --check; }
+seaweedfs_cmd() {
 	local b="$SEAWEED_PORT_BASE"
-	svc_start seaweedfs "$WEED_BIN" mini -dir="$SW_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-		-s3.config="$SW_STATE/s3.json" -s3.port="$S3_PORT" \
-		-master.port="$b" -master.port.grpc=$((b + 1)) -volume.port=$((b + 2)) -volume.port.grpc=$((b + 3)) \
-		-filer.port=$((b + 4)) -filer.port.grpc=$((b + 5)) -s3.port.grpc=$((b + 6)) \
-		-admin.port=$((b + 7)) -admin.port.grpc=$((b + 8)) -admin.ui=false \
-		-webdav=false -s3.port.iceberg=0 -s3.port.lance=0
-	wait_healthy seaweedfs 90 s3_ping || die "seaweedfs S3 endpoint did not come up (log: $LOGS_DIR/seaweedfs.log)"
-	s3_bucket --create --wait 90 >>"$LOGS_DIR/seaweedfs.log" 2>&1 || die "could not create S3 bucket $S3_BUCKET (see $LOGS_DIR/seaweedfs.log)"
+	CMD=("$WEED_BIN" mini -dir="$SW_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1
+		-s3.config="$SW_STATE/s3.json" -s3.port="$S3_PORT"
+		-master.port="$b" -master.port.grpc=$((b + 1)) -volume.port=$((b + 2)) -volume.port.grpc=$((b + 3))
+		-filer.port=$((b + 4)) -filer.port.grpc=$((b + 5)) -s3.port.grpc=$((b + 6))
+		-admin.port=$((b + 7)) -admin.port.grpc=$((b + 8)) -admin.ui=false
+		-webdav=false -s3.port.iceberg=0 -s3.port.lance=0)
 }
-ensure seaweedfs s3_healthy seaweed_start 30
+# shellcheck disable=SC2329 # called indirectly
+s3_ping() { curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$S3_PORT/"; }
+seaweedfs_post() {
+	wait_healthy seaweedfs 90 s3_ping || die "seaweedfs S3 endpoint did not come up (log: $LOGS_DIR/seaweedfs.log)"
+	s3_bucket --create --wait 90 >>"$LOGS_DIR/seaweedfs.log" 2>&1 ||
+		die "could not create S3 bucket $S3_BUCKET (see $LOGS_DIR/seaweedfs.log)"
+}
+ensure seaweedfs 30
 
 # =============================================================================
 # 8. Kubernetes control plane
 # =============================================================================
 etcd_healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
-etcd_start() {
-	svc_start etcd "$K8S_BIN" etcd --name=recsys-testenv --data-dir="$TESTENV_DIR/etcd" \
-		--listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
-		--listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
-		--initial-cluster="recsys-testenv=http://127.0.0.1:$ETCD_PEER_PORT" --initial-cluster-state=new \
-		--unsafe-no-fsync --log-level=warn
+etcd_cmd() {
+	CMD=("$K8S_BIN" etcd --name=recsys-testenv --data-dir="$TESTENV_DIR/etcd"
+		--listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT"
+		--listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT"
+		--initial-cluster="recsys-testenv=http://127.0.0.1:$ETCD_PEER_PORT" --initial-cluster-state=new
+		--unsafe-no-fsync --log-level=warn)
 }
-ensure etcd etcd_healthy etcd_start 60
+ensure etcd 60
 
 CURL_ADMIN=(curl -fsS --max-time 5 --cacert "$PKI_DIR/ca.crt" --cert "$PKI_DIR/admin.crt" --key "$PKI_DIR/admin.key")
 apiserver_healthy() { [[ "$("${CURL_ADMIN[@]}" "https://127.0.0.1:$APISERVER_PORT/readyz")" == ok ]]; }
-apiserver_start() {
-	mkdir -p "$TESTENV_DIR/apiserver"
-	svc_start apiserver "$K8S_BIN" apiserver \
-		--etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-		--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
-		--cert-dir="$TESTENV_DIR/apiserver" \
-		--tls-cert-file="$PKI_DIR/apiserver.crt" --tls-private-key-file="$PKI_DIR/apiserver.key" \
-		--client-ca-file="$PKI_DIR/ca.crt" \
-		--kubelet-client-certificate="$PKI_DIR/admin.crt" --kubelet-client-key="$PKI_DIR/admin.key" \
-		--service-account-issuer=https://kubernetes.default.svc \
-		--service-account-key-file="$PKI_DIR/sa.pub" --service-account-signing-key-file="$PKI_DIR/sa.key" \
-		--service-cluster-ip-range=10.0.0.0/24 \
-		--authorization-mode=Node,RBAC --allow-privileged=true \
-		--endpoint-reconciler-type=none \
-		--profiling=false
+apiserver_cmd() {
+	# shellcheck disable=SC2054 # Node,RBAC is one argument
+	CMD=("$K8S_BIN" apiserver
+		--etcd-servers="http://127.0.0.1:$ETCD_PORT"
+		--bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT"
+		--cert-dir="$TESTENV_DIR/apiserver"
+		--tls-cert-file="$PKI_DIR/apiserver.crt" --tls-private-key-file="$PKI_DIR/apiserver.key"
+		--client-ca-file="$PKI_DIR/ca.crt"
+		--requestheader-client-ca-file="$PKI_DIR/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client
+		--requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group
+		--requestheader-extra-headers-prefix=X-Remote-Extra-
+		--proxy-client-cert-file="$PKI_DIR/front-proxy-client.crt" --proxy-client-key-file="$PKI_DIR/front-proxy-client.key"
+		--kubelet-client-certificate="$PKI_DIR/admin.crt" --kubelet-client-key="$PKI_DIR/admin.key"
+		--service-account-issuer=https://kubernetes.default.svc
+		--service-account-key-file="$PKI_DIR/sa.pub" --service-account-signing-key-file="$PKI_DIR/sa.key"
+		--service-cluster-ip-range=10.0.0.0/24
+		--authorization-mode=Node,RBAC --allow-privileged=true
+		--endpoint-reconciler-type=none
+		--profiling=false)
 }
-ensure apiserver apiserver_healthy apiserver_start 180
+apiserver_pre() { mkdir -p "$TESTENV_DIR/apiserver"; }
+ensure apiserver 180
 
-kcm_healthy() { [[ "$(curl -fsSk --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz")" == ok ]]; }
-kcm_start() {
-	mkdir -p "$TESTENV_DIR/controller-manager"
-	svc_start controller-manager "$K8S_BIN" controller-manager \
-		--kubeconfig="$KUBECONFIG_FILE" \
-		--authentication-kubeconfig="$KUBECONFIG_FILE" --authorization-kubeconfig="$KUBECONFIG_FILE" \
-		--bind-address=127.0.0.1 --secure-port="$KCM_PORT" --cert-dir="$TESTENV_DIR/controller-manager" \
-		--service-account-private-key-file="$PKI_DIR/sa.key" --root-ca-file="$PKI_DIR/ca.crt" \
-		--cluster-signing-cert-file="$PKI_DIR/ca.crt" --cluster-signing-key-file="$PKI_DIR/ca.key" \
-		--use-service-account-credentials=true --leader-elect=false --controllers='*' \
-		--profiling=false
+controller_manager_healthy() { [[ "$(curl -fsSk --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz")" == ok ]]; }
+controller_manager_cmd() {
+	CMD=("$K8S_BIN" controller-manager
+		--kubeconfig="$KUBECONFIG_FILE"
+		--authentication-kubeconfig="$KUBECONFIG_FILE" --authorization-kubeconfig="$KUBECONFIG_FILE"
+		--bind-address=127.0.0.1 --secure-port="$KCM_PORT" --cert-dir="$TESTENV_DIR/controller-manager"
+		--service-account-private-key-file="$PKI_DIR/sa.key" --root-ca-file="$PKI_DIR/ca.crt"
+		--cluster-signing-cert-file="$PKI_DIR/ca.crt" --cluster-signing-key-file="$PKI_DIR/ca.key"
+		--use-service-account-credentials=true --leader-elect=false --controllers='*'
+		--profiling=false)
 }
-ensure controller-manager kcm_healthy kcm_start 90
+controller_manager_pre() { mkdir -p "$TESTENV_DIR/controller-manager"; }
+ensure controller-manager 90
 
-sched_healthy() { [[ "$(curl -fsSk --max-time 3 "https://127.0.0.1:$SCHEDULER_PORT/healthz")" == ok ]]; }
-sched_start() {
-	mkdir -p "$TESTENV_DIR/scheduler"
-	svc_start scheduler "$K8S_BIN" scheduler \
-		--kubeconfig="$KUBECONFIG_FILE" \
-		--authentication-kubeconfig="$KUBECONFIG_FILE" --authorization-kubeconfig="$KUBECONFIG_FILE" \
-		--bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --cert-dir="$TESTENV_DIR/scheduler" \
-		--leader-elect=false --profiling=false
+scheduler_healthy() { [[ "$(curl -fsSk --max-time 3 "https://127.0.0.1:$SCHEDULER_PORT/healthz")" == ok ]]; }
+scheduler_cmd() {
+	CMD=("$K8S_BIN" scheduler
+		--kubeconfig="$KUBECONFIG_FILE"
+		--authentication-kubeconfig="$KUBECONFIG_FILE" --authorization-kubeconfig="$KUBECONFIG_FILE"
+		--bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --cert-dir="$TESTENV_DIR/scheduler"
+		--leader-elect=false --profiling=false)
 }
-ensure scheduler sched_healthy sched_start 90
+scheduler_pre() { mkdir -p "$TESTENV_DIR/scheduler"; }
+ensure scheduler 90
 
 kwok_healthy() { [[ "$(curl -fsSk --max-time 3 "https://127.0.0.1:$KWOK_PORT/healthz")" == ok ]]; }
-kwok_start() {
-	svc_start kwok "$KWOK_BIN" --kubeconfig="$KUBECONFIG_FILE" --config="$KWOK_DIR/stages.yaml" \
-		--manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
-		--cidr=10.244.0.0/16 --node-ip=127.0.0.1 --node-port="$KWOK_PORT" \
-		--server-address="127.0.0.1:$KWOK_PORT" \
-		--tls-cert-file="$PKI_DIR/apiserver.crt" --tls-private-key-file="$PKI_DIR/apiserver.key" \
-		--node-lease-duration-seconds=40
+kwok_cmd() {
+	# --node-ip/--node-port point the apiserver's kubelet connection (logs, exec) at kwok's server.
+	CMD=("$KWOK_BIN" --kubeconfig="$KUBECONFIG_FILE" --config="$KWOK_DIR/stages.yaml"
+		--manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake
+		--cidr=10.244.0.0/16 --node-ip=127.0.0.1 --node-port="$KWOK_PORT"
+		--server-address="127.0.0.1:$KWOK_PORT"
+		--tls-cert-file="$PKI_DIR/apiserver.crt" --tls-private-key-file="$PKI_DIR/apiserver.key"
+		--node-lease-duration-seconds=40)
 }
-ensure kwok kwok_healthy kwok_start 60
+ensure kwok 60
 
 # ---- the fake node -------------------------------------------------------------
 export KUBECONFIG="$KUBECONFIG_FILE"

@@ -1,1 +1,197 @@
-//! Integration tests live in `tests/tests/`; this crate has no library code.
+//! Harness of the integration tests: finds the test environment started by
+//! `tests/env/up.sh` (through its `env` file or the variables it exports), connects clients,
+//! and gives each test its own namespace.
+//!
+//! Integration tests fail, never skip, when the environment is missing: run them through
+//! `bash tests/run`, which starts it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Config};
+use tokio::sync::OnceCell;
+
+/// Root of the repository.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Endpoints of the test environment.
+#[derive(Clone, Debug)]
+pub struct TestEnv {
+    vars: BTreeMap<String, String>,
+}
+
+impl TestEnv {
+    /// Reads the environment: process variables first, then the `env` file of the state dir
+    /// (`$RECSYS_TESTENV_DIR` or `target/testenv`).
+    pub fn load() -> anyhow::Result<Self> {
+        let dir = std::env::var("RECSYS_TESTENV_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| repo_root().join("target/testenv"));
+        let file = dir.join("env");
+        let mut vars = BTreeMap::new();
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            for line in text.lines() {
+                let Some(rest) = line.trim().strip_prefix("export ") else { continue };
+                if let Some((k, v)) = rest.split_once('=') {
+                    vars.insert(k.to_owned(), v.trim_matches('"').trim_matches('\'').to_owned());
+                }
+            }
+        }
+        for (k, v) in std::env::vars() {
+            if k.starts_with("RECSYS_TEST") || k == "KUBECONFIG" || k.starts_with("AWS_") {
+                vars.insert(k, v);
+            }
+        }
+        if !vars.contains_key("KUBECONFIG") {
+            bail!(
+                "no test environment: {} is missing and RECSYS_TEST_* / KUBECONFIG are unset. \
+                 Start it with `bash tests/env/up.sh` or run everything with `bash tests/run`",
+                file.display()
+            );
+        }
+        Ok(Self { vars })
+    }
+
+    /// A variable of the environment, or an error naming it.
+    pub fn var(&self, name: &str) -> anyhow::Result<&str> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .with_context(|| format!("{name} is not set by the test environment (tests/env/up.sh)"))
+    }
+
+    /// A Kubernetes client with the admin kubeconfig.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.var("KUBECONFIG")?)?;
+        let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// Path of the `kubectl` and `helm` binaries directory, prepended to `PATH` for commands.
+    pub fn path_with_tools(&self) -> String {
+        let base = std::env::var("PATH").unwrap_or_default();
+        match self.vars.get("RECSYS_TESTENV_DIR") {
+            Some(dir) => format!("{dir}/bin:{base}"),
+            None => base,
+        }
+    }
+
+    /// A `Command` with the environment's variables and tools on `PATH`.
+    pub fn command(&self, program: &str) -> std::process::Command {
+        let mut cmd = std::process::Command::new(program);
+        cmd.env("PATH", self.path_with_tools());
+        for (k, v) in &self.vars {
+            if k != "PATH" {
+                cmd.env(k, v);
+            }
+        }
+        cmd
+    }
+}
+
+static CRDS: OnceCell<()> = OnceCell::const_new();
+
+/// Installs the CRDs (server-side apply, as a user would upgrade them) once per test
+/// process and waits until they are Established.
+pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    CRDS.get_or_try_init(|| async {
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in recsys_crds::crds() {
+            let name = crd.metadata.name.clone().context("crd name")?;
+            api.patch(&name, &PatchParams::apply("recsys-tests").force(), &Patch::Apply(&crd))
+                .await
+                .with_context(|| format!("applying CRD {name}"))?;
+        }
+        for crd in recsys_crds::crds() {
+            let name = crd.metadata.name.clone().context("crd name")?;
+            wait_for(Duration::from_secs(30), &format!("CRD {name} Established"), || async {
+                let c = api.get(&name).await?;
+                Ok(c.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True"))
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
+/// A namespace of one test, deleted when dropped (in the background).
+pub struct TestNamespace {
+    /// Its name.
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates `recsys-test-<prefix>-<random>`.
+    pub async fn create(client: &Client, prefix: &str) -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+        let name = format!("rt-{prefix}-{:x}{:x}", std::process::id() & 0xfff, nanos & 0xfffff);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "recsys.io/test": "true" } }
+        }))?;
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        // The ServiceAccount controller creates `default`; pods need it.
+        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for(Duration::from_secs(30), "default ServiceAccount", || async {
+            Ok(sa.get_opt("default").await?.is_some())
+        })
+        .await?;
+        Ok(Self { name, client: client.clone() })
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let name = self.name.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = api.delete(&name, &DeleteParams::background()).await;
+            });
+        }
+    }
+}
+
+/// Polls `check` every 200 ms until it returns true, failing after `timeout` with `what`.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            match last_err {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads a YAML manifest under the repository root.
+pub fn manifest(path: &str) -> anyhow::Result<serde_json::Value> {
+    let full = repo_root().join(path);
+    let text = std::fs::read_to_string(&full).with_context(|| full.display().to_string())?;
+    Ok(serde_yaml::from_str(&text)?)
+}

@@ -40,7 +40,7 @@ pub const JOB_LABEL: &str = "recsys.io/batchjob";
 /// Annotation that requests a run of an on-demand BatchJob; each new value is one run.
 pub const RUN_ANNOTATION: &str = "recsys.io/run";
 /// Trainer exit code meaning "retrying cannot help" (bad input, invalid configuration).
-pub const EXIT_NOT_RETRYABLE: i32 = 2;
+pub const EXIT_NOT_RETRYABLE: i32 = recsys_core::exit::NOT_RETRYABLE;
 /// Name of the trainer container.
 pub const CONTAINER: &str = "trainer";
 
