@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, Config};
 use tokio::sync::OnceCell;
 
@@ -131,12 +131,12 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
 pub struct TestNamespace {
     /// Its name.
     pub name: String,
-    client: Client,
+    env: TestEnv,
 }
 
 impl TestNamespace {
     /// Creates `recsys-test-<prefix>-<random>`.
-    pub async fn create(client: &Client, prefix: &str) -> anyhow::Result<Self> {
+    pub async fn create(env: &TestEnv, client: &Client, prefix: &str) -> anyhow::Result<Self> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
         let name = format!("rt-{prefix}-{:x}{:x}", std::process::id() & 0xfff, nanos & 0xfffff);
         let ns: Namespace = serde_json::from_value(serde_json::json!({
@@ -149,19 +149,19 @@ impl TestNamespace {
             Ok(sa.get_opt("default").await?.is_some())
         })
         .await?;
-        Ok(Self { name, client: client.clone() })
+        Ok(Self { name, env: env.clone() })
     }
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let api: Api<Namespace> = Api::all(self.client.clone());
-        let name = self.name.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = api.delete(&name, &DeleteParams::background()).await;
-            });
-        }
+        // The test's runtime is shutting down here, so ask kubectl; deletion finishes in the
+        // background (the namespace controller of the test cluster).
+        let _ = self
+            .env
+            .command("kubectl")
+            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .output();
     }
 }
 

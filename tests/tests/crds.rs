@@ -128,7 +128,7 @@ async fn crds_examples_rules_and_columns() -> anyhow::Result<()> {
     let env = TestEnv::load()?;
     let client = env.client().await?;
     install_crds(&client).await?;
-    let ns = TestNamespace::create(&client, "crds").await?;
+    let ns = TestNamespace::create(&env, &client, "crds").await?;
 
     // Every example is accepted as written.
     for kind in ["ModelDeployment", "BatchJob", "FeatureDefinition"] {
