@@ -60,7 +60,10 @@ pub fn init(args: &TelemetryArgs) -> Result<(), TelemetryError> {
         filter: args.log_filter.clone(),
         source,
     })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     let result = match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -54,7 +54,10 @@ impl Operator {
             probes: format!("http://127.0.0.1:{p}"),
         };
         let ready = format!("{}/readyz", op.probes);
-        wait_for(WAIT, "operator /readyz", || async { Ok(http_get(&ready).await?.0 == 200) }).await?;
+        wait_for(WAIT, "operator /readyz", || async {
+            Ok(http_get(&ready).await?.0 == 200)
+        })
+        .await?;
         Ok(op)
     }
 
@@ -82,16 +85,27 @@ impl Drop for Operator {
 /// A minimal HTTP/1.1 GET over loopback: (status, body).
 async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("not http: {url}"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| anyhow::anyhow!("not http: {url}"))?;
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     let mut stream = tokio::net::TcpStream::connect(host).await?;
     stream
-        .write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut buf = String::new();
     stream.read_to_string(&mut buf).await?;
-    let status = buf.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -105,16 +119,29 @@ async fn apply<K>(api: &Api<K>, name: &str, body: &serde_json::Value) -> anyhow:
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    Ok(api.patch(name, &PatchParams::apply("recsys-tests").force(), &Patch::Apply(body)).await?)
+    Ok(api
+        .patch(
+            name,
+            &PatchParams::apply("recsys-tests").force(),
+            &Patch::Apply(body),
+        )
+        .await?)
 }
 
 /// Waits until `Accepted` and `Ready` have the given statuses (and Ready the reason), and
 /// `status.observedGeneration` equals `metadata.generation`.
-async fn wait_conditions<K>(api: &Api<K>, name: &str, accepted: &str, ready: &str, reason: &str) -> anyhow::Result<K>
+async fn wait_conditions<K>(
+    api: &Api<K>,
+    name: &str,
+    accepted: &str,
+    ready: &str,
+    reason: &str,
+) -> anyhow::Result<K>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + serde::Serialize,
 {
-    let what = format!("{name}: Accepted={accepted} Ready={ready}/{reason} at the current generation");
+    let what =
+        format!("{name}: Accepted={accepted} Ready={ready}/{reason} at the current generation");
     wait_for(WAIT, &what, || async {
         let obj = api.get(name).await?;
         let v = serde_json::to_value(&obj)?;
@@ -123,8 +150,10 @@ where
             serde_json::from_value(status["conditions"].clone()).unwrap_or_default();
         let generation = obj.meta().generation;
         let ok = status["observedGeneration"].as_i64() == generation
-            && find_condition(&conditions, "Accepted").is_some_and(|c| c.status == accepted && c.observed_generation == generation)
-            && find_condition(&conditions, "Ready").is_some_and(|c| c.status == ready && c.reason == reason);
+            && find_condition(&conditions, "Accepted")
+                .is_some_and(|c| c.status == accepted && c.observed_generation == generation)
+            && find_condition(&conditions, "Ready")
+                .is_some_and(|c| c.status == ready && c.reason == reason);
         Ok(ok)
     })
     .await?;
@@ -168,7 +197,10 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     wait_conditions(&fds, "popularity-score-v1", "True", "True", "Resolved").await?;
     let bj = wait_conditions(&bjs, "popularity", "True", "True", "Scheduled").await?;
     let md = wait_conditions(&mds, "als", "True", "False", "RolloutNotImplemented").await?;
-    assert_eq!(md.status.and_then(|s| s.candidate_version).as_deref(), Some("20261126-0200"));
+    assert_eq!(
+        md.status.and_then(|s| s.candidate_version).as_deref(),
+        Some("20261126-0200")
+    );
 
     // The scheduled BatchJob owns a CronJob running the trainer subcommand.
     let cj = cronjobs.get("popularity").await?;
@@ -177,15 +209,23 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     assert_eq!(spec.schedule, "*/5 * * * *");
     let job = spec.job_template.spec.unwrap_or_default();
     assert_eq!(job.backoff_limit, Some(2));
-    let args = job.template.spec.unwrap_or_default().containers[0].args.clone().unwrap_or_default();
+    let args = job.template.spec.unwrap_or_default().containers[0]
+        .args
+        .clone()
+        .unwrap_or_default();
     assert_eq!(args, ["popularity", "--half-life=7d", "--window=90d"]);
 
     // Events tell the story.
     let evs = events(&client, &ns.name, "popularity-score-v1").await?;
-    assert!(evs.contains(&("Normal".into(), "Accepted".into())), "{evs:?}");
+    assert!(
+        evs.contains(&("Normal".into(), "Accepted".into())),
+        "{evs:?}"
+    );
 
     // Metrics count reconciliations per controller.
-    let n = op.metric("recsys_operator_reconciles_total{controller=\"featuredefinition\"}").await?;
+    let n = op
+        .metric("recsys_operator_reconciles_total{controller=\"featuredefinition\"}")
+        .await?;
     assert!(n.is_some_and(|n| n >= 1.0), "{n:?}");
 
     // Crash; change specs while no operator runs; a new process catches up.
@@ -194,12 +234,20 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     bj_body["spec"]["suspend"] = json!(true);
     let fd = apply(&fds, "popularity-score-v1", &fd_body).await?;
     let bj = apply(&bjs, "popularity", &bj_body).await?;
-    assert_eq!((fd.meta().generation, bj.meta().generation), (Some(2), Some(2)));
+    assert_eq!(
+        (fd.meta().generation, bj.meta().generation),
+        (Some(2), Some(2))
+    );
     let _op = Operator::start(&env, &ns.name, &[]).await?;
     wait_conditions(&fds, "popularity-score-v1", "True", "True", "Resolved").await?;
     wait_conditions(&bjs, "popularity", "True", "True", "Suspended").await?;
     wait_for(WAIT, "CronJob suspended", || async {
-        Ok(cronjobs.get("popularity").await?.spec.and_then(|s| s.suspend) == Some(true))
+        Ok(cronjobs
+            .get("popularity")
+            .await?
+            .spec
+            .and_then(|s| s.suspend)
+            == Some(true))
     })
     .await?;
 
@@ -209,11 +257,22 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     bj_body["spec"]["suspend"] = json!(false);
     apply(&bjs, "popularity", &bj_body).await?;
     let bj = wait_conditions(&bjs, "popularity", "False", "False", "InvalidSpec").await?;
-    let accepted = bj.status.unwrap_or_default().conditions.into_iter().find(|c| c.type_ == "Accepted");
+    let accepted = bj
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Accepted");
     let message = accepted.map(|c| c.message).unwrap_or_default();
-    assert!(message.contains("spec.schedule") && message.contains("61 * * * *"), "{message}");
+    assert!(
+        message.contains("spec.schedule") && message.contains("61 * * * *"),
+        "{message}"
+    );
     let evs = events(&client, &ns.name, "popularity").await?;
-    assert!(evs.contains(&("Warning".into(), "InvalidSpec".into())), "{evs:?}");
+    assert!(
+        evs.contains(&("Warning".into(), "InvalidSpec".into())),
+        "{evs:?}"
+    );
     Ok(())
 }
 
@@ -237,20 +296,39 @@ async fn on_demand_run_completes_on_a_kwok_node() -> anyhow::Result<()> {
     wait_for(WAIT, "backfill run recorded as Succeeded", || async {
         let bj = bjs.get("backfill").await?;
         let status = bj.status.unwrap_or_default();
-        Ok(status.history.first().is_some_and(|r| r.outcome == "Succeeded") && status.last_successful_time.is_some())
+        Ok(status
+            .history
+            .first()
+            .is_some_and(|r| r.outcome == "Succeeded")
+            && status.last_successful_time.is_some())
     })
     .await?;
-    let list = jobs.list(&ListParams::default().labels("recsys.io/batchjob=backfill")).await?;
+    let list = jobs
+        .list(&ListParams::default().labels("recsys.io/batchjob=backfill"))
+        .await?;
     assert_eq!(list.items.len(), 1, "one request, one Job");
     let job = &list.items[0];
-    let args = job.spec.clone().unwrap_or_default().template.spec.unwrap_or_default().containers[0]
+    let args = job
+        .spec
+        .clone()
+        .unwrap_or_default()
+        .template
+        .spec
+        .unwrap_or_default()
+        .containers[0]
         .args
         .clone()
         .unwrap_or_default();
     assert_eq!(args[0], "backfill");
-    assert!(args.contains(&"--features=popularity_score".to_owned()), "{args:?}");
+    assert!(
+        args.contains(&"--features=popularity_score".to_owned()),
+        "{args:?}"
+    );
     let evs = events(&client, &ns.name, "backfill").await?;
-    assert!(evs.contains(&("Normal".into(), "RunSucceeded".into())), "{evs:?}");
+    assert!(
+        evs.contains(&("Normal".into(), "RunSucceeded".into())),
+        "{evs:?}"
+    );
     Ok(())
 }
 
@@ -273,7 +351,12 @@ async fn lineage_resolves_and_features_in_use_are_protected() -> anyhow::Result<
     };
     apply(&fds, "ctr", &feature("ctr", "ctr", &["clicks"])).await?;
     let ctr = wait_conditions(&fds, "ctr", "True", "False", "UnresolvedLineage").await?;
-    let ready = ctr.status.unwrap_or_default().conditions.into_iter().find(|c| c.type_ == "Ready");
+    let ready = ctr
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready");
     assert!(ready.is_some_and(|c| c.message.contains("clicks")));
 
     apply(&fds, "clicks", &feature("clicks", "clicks", &[])).await?;
@@ -283,12 +366,19 @@ async fn lineage_resolves_and_features_in_use_are_protected() -> anyhow::Result<
     // `clicks` is read by `ctr`: deleting it waits.
     fds.delete("clicks", &DeleteParams::default()).await?;
     wait_for(WAIT, "FeatureInUse warning", || async {
-        Ok(events(&client, &ns.name, "clicks").await?.contains(&("Warning".into(), "FeatureInUse".into())))
+        Ok(events(&client, &ns.name, "clicks")
+            .await?
+            .contains(&("Warning".into(), "FeatureInUse".into())))
     })
     .await?;
     let clicks = fds.get("clicks").await?;
     assert!(clicks.meta().deletion_timestamp.is_some());
-    assert!(clicks.finalizers().iter().any(|f| f == "featuredefinitions.recsys.io/in-use-protection"));
+    assert!(
+        clicks
+            .finalizers()
+            .iter()
+            .any(|f| f == "featuredefinitions.recsys.io/in-use-protection")
+    );
 
     // Once nothing reads it, it goes.
     fds.delete("ctr", &DeleteParams::default()).await?;
@@ -302,7 +392,10 @@ async fn lineage_resolves_and_features_in_use_are_protected() -> anyhow::Result<
 #[tokio::test]
 async fn one_leader_acts_and_a_standby_takes_over() -> anyhow::Result<()> {
     let (env, client, ns) = setup("lease").await?;
-    let lease_args = ["--leader-elect", &format!("--leader-election-namespace={}", ns.name)];
+    let lease_args = [
+        "--leader-elect",
+        &format!("--leader-election-namespace={}", ns.name),
+    ];
     let mut a = Operator::start(&env, &ns.name, &lease_args).await?;
     let mut b = Operator::start(&env, &ns.name, &lease_args).await?;
 
@@ -339,9 +432,11 @@ async fn one_leader_acts_and_a_standby_takes_over() -> anyhow::Result<()> {
         b.kill();
         &a
     };
-    wait_for(Duration::from_secs(60), "standby becomes leader", || async {
-        Ok(standby.metric("recsys_operator_leader").await? == Some(1.0))
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "standby becomes leader",
+        || async { Ok(standby.metric("recsys_operator_leader").await? == Some(1.0)) },
+    )
     .await?;
     body["spec"]["description"] = json!("changed after failover");
     apply(&fds, "popularity-score-v1", &body).await?;

@@ -24,7 +24,11 @@ pub struct Args {
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// Address the HTTP API and probes listen on.
-    #[arg(long, env = "RECSYS_SCORER_BIND_ADDRESS", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "RECSYS_SCORER_BIND_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
     pub bind_address: SocketAddr,
 }
 
@@ -51,7 +55,10 @@ pub fn router(state: AppState) -> Router {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.is_ready() {
-        (StatusCode::OK, Json(serde_json::json!({ "status": "ready" })))
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "status": "ready" })),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -88,12 +95,21 @@ mod tests {
     #[tokio::test]
     async fn not_ready_without_a_model() {
         let app = router(AppState::default());
-        let r = app.clone().oneshot(Request::get("/readyz").body(Body::empty()).expect("req")).await.expect("call");
+        let r = app
+            .clone()
+            .oneshot(Request::get("/readyz").body(Body::empty()).expect("req"))
+            .await
+            .expect("call");
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        let body = axum::body::to_bytes(r.into_body(), 4096).await.expect("body");
+        let body = axum::body::to_bytes(r.into_body(), 4096)
+            .await
+            .expect("body");
         let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(v["error"], "NoModel");
-        let r = app.oneshot(Request::get("/healthz").body(Body::empty()).expect("req")).await.expect("call");
+        let r = app
+            .oneshot(Request::get("/healthz").body(Body::empty()).expect("req"))
+            .await
+            .expect("call");
         assert_eq!(r.status(), StatusCode::OK);
     }
 }

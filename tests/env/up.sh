@@ -183,12 +183,23 @@ KUBECTL="$BIN_DIR/kubectl"
 # =============================================================================
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# True if a non-listening TCP socket (e.g. a client connection, or one in
-# TIME_WAIT) has local port $1: binding the port would fail with EADDRINUSE.
+# True if a non-listening TCP socket (a client connection, or one in TIME_WAIT) has
+# local port $1 AND a listener with SO_REUSEADDR (as Go, postgres and redis use)
+# still cannot bind it. Sockets left in TIME_WAIT by our own servers do not block
+# the bind; a client connection that took the port as its source port does.
 port_taken_by_client() {
 	local hex
 	hex="$(printf '%04X' "$1")"
-	cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v p=":$hex" '$2 ~ p"$" && $4 != "0A" { found = 1 } END { exit !found }'
+	cat /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+		awk -v p=":$hex" '$2 ~ p"$" && $4 != "0A" { found = 1 } END { exit !found }' || return 1
+	! python3 - "$1" <<'PY' 2>/dev/null
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(1)
+s.close()
+PY
 }
 
 # All default ports lie in Linux's ephemeral range (32768-60999), so an outgoing

@@ -38,9 +38,14 @@ impl TestEnv {
         let mut vars = BTreeMap::new();
         if let Ok(text) = std::fs::read_to_string(&file) {
             for line in text.lines() {
-                let Some(rest) = line.trim().strip_prefix("export ") else { continue };
+                let Some(rest) = line.trim().strip_prefix("export ") else {
+                    continue;
+                };
                 if let Some((k, v)) = rest.split_once('=') {
-                    vars.insert(k.to_owned(), v.trim_matches('"').trim_matches('\'').to_owned());
+                    vars.insert(
+                        k.to_owned(),
+                        v.trim_matches('"').trim_matches('\'').to_owned(),
+                    );
                 }
             }
         }
@@ -105,20 +110,28 @@ pub async fn install_crds(client: &Client) -> anyhow::Result<()> {
         let api: Api<CustomResourceDefinition> = Api::all(client.clone());
         for crd in recsys_crds::crds() {
             let name = crd.metadata.name.clone().context("crd name")?;
-            api.patch(&name, &PatchParams::apply("recsys-tests").force(), &Patch::Apply(&crd))
-                .await
-                .with_context(|| format!("applying CRD {name}"))?;
+            api.patch(
+                &name,
+                &PatchParams::apply("recsys-tests").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .with_context(|| format!("applying CRD {name}"))?;
         }
         for crd in recsys_crds::crds() {
             let name = crd.metadata.name.clone().context("crd name")?;
-            wait_for(Duration::from_secs(30), &format!("CRD {name} Established"), || async {
-                let c = api.get(&name).await?;
-                Ok(c.status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True"))
-            })
+            wait_for(
+                Duration::from_secs(30),
+                &format!("CRD {name} Established"),
+                || async {
+                    let c = api.get(&name).await?;
+                    Ok(c.status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True"))
+                },
+            )
             .await?;
         }
         anyhow::Ok(())
@@ -137,19 +150,33 @@ pub struct TestNamespace {
 impl TestNamespace {
     /// Creates `recsys-test-<prefix>-<random>`.
     pub async fn create(env: &TestEnv, client: &Client, prefix: &str) -> anyhow::Result<Self> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
-        let name = format!("rt-{prefix}-{:x}{:x}", std::process::id() & 0xfff, nanos & 0xfffff);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos();
+        let name = format!(
+            "rt-{prefix}-{:x}{:x}",
+            std::process::id() & 0xfff,
+            nanos & 0xfffff
+        );
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": { "name": name, "labels": { "recsys.io/test": "true" } }
         }))?;
-        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
         // The ServiceAccount controller creates `default`; pods need it.
-        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), &name);
-        wait_for(Duration::from_secs(30), "default ServiceAccount", || async {
-            Ok(sa.get_opt("default").await?.is_some())
-        })
+        let sa: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(client.clone(), &name);
+        wait_for(
+            Duration::from_secs(30),
+            "default ServiceAccount",
+            || async { Ok(sa.get_opt("default").await?.is_some()) },
+        )
         .await?;
-        Ok(Self { name, env: env.clone() })
+        Ok(Self {
+            name,
+            env: env.clone(),
+        })
     }
 }
 
@@ -160,7 +187,13 @@ impl Drop for TestNamespace {
         let _ = self
             .env
             .command("kubectl")
-            .args(["delete", "namespace", &self.name, "--wait=false", "--ignore-not-found"])
+            .args([
+                "delete",
+                "namespace",
+                &self.name,
+                "--wait=false",
+                "--ignore-not-found",
+            ])
             .output();
     }
 }
@@ -181,7 +214,9 @@ where
         }
         if start.elapsed() > timeout {
             match last_err {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }

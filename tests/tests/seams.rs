@@ -24,9 +24,11 @@ async fn postgres_round_trip() -> anyhow::Result<()> {
     // One transaction, rolled back: nothing is left behind, and every statement is static SQL
     // with bound parameters.
     let mut tx = pool.begin().await?;
-    sqlx::query("CREATE TEMP TABLE seam_check (id bigint PRIMARY KEY, name text NOT NULL) ON COMMIT DROP")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "CREATE TEMP TABLE seam_check (id bigint PRIMARY KEY, name text NOT NULL) ON COMMIT DROP",
+    )
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("INSERT INTO seam_check VALUES ($1, $2), ($3, $4)")
         .bind(1_i64)
         .bind("view")
@@ -34,14 +36,20 @@ async fn postgres_round_trip() -> anyhow::Result<()> {
         .bind("purchase")
         .execute(&mut *tx)
         .await?;
-    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM seam_check WHERE id > $1 ORDER BY id")
-        .bind(0_i64)
-        .fetch_all(&mut *tx)
-        .await?;
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM seam_check WHERE id > $1 ORDER BY id")
+            .bind(0_i64)
+            .fetch_all(&mut *tx)
+            .await?;
     tx.rollback().await?;
     assert_eq!(names, ["view", "purchase"]);
-    let version: String = sqlx::query_scalar("SHOW server_version").fetch_one(&pool).await?;
-    assert!(version.starts_with(|c: char| c.is_ascii_digit()), "{version}");
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&pool)
+        .await?;
+    assert!(
+        version.starts_with(|c: char| c.is_ascii_digit()),
+        "{version}"
+    );
     Ok(())
 }
 
@@ -68,7 +76,13 @@ async fn redis_round_trip_with_ttl() -> anyhow::Result<()> {
     })
     .await?;
     let key = unique("seam:check");
-    let () = redis::cmd("SET").arg(&key).arg("0.75").arg("EX").arg(60).query_async(&mut conn).await?;
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("0.75")
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut conn)
+        .await?;
     let (value, ttl): (String, i64) = redis::pipe()
         .cmd("GET")
         .arg(&key)
@@ -110,13 +124,29 @@ async fn s3_round_trip_path_style_both_checksum_modes() -> anyhow::Result<()> {
         let got = client.get_object().bucket(&bucket).key(&key).send().await?;
         let bytes = got.body.collect().await?.into_bytes();
         assert_eq!(bytes.len(), body.len(), "{checksums:?}: stored size");
-        assert!(bytes.as_ref() == body.as_slice(), "{checksums:?}: content differs");
-        let listed = client.list_objects_v2().bucket(&bucket).prefix(&prefix).send().await?;
+        assert!(
+            bytes.as_ref() == body.as_slice(),
+            "{checksums:?}: content differs"
+        );
+        let listed = client
+            .list_objects_v2()
+            .bucket(&bucket)
+            .prefix(&prefix)
+            .send()
+            .await?;
         let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
         assert_eq!(keys, [key.as_str()]);
-        client.delete_object().bucket(&bucket).key(&key).send().await?;
+        client
+            .delete_object()
+            .bucket(&bucket)
+            .key(&key)
+            .send()
+            .await?;
         let missing = client.head_object().bucket(&bucket).key(&key).send().await;
-        assert!(missing.is_err(), "{checksums:?}: object still there after delete");
+        assert!(
+            missing.is_err(),
+            "{checksums:?}: object still there after delete"
+        );
     }
     Ok(())
 }

@@ -10,7 +10,11 @@ use recsys_core::telemetry::TelemetryArgs;
 
 /// Options of `recsys-trainer`.
 #[derive(Parser, Debug)]
-#[command(name = "recsys-trainer", version, about = "recsys batch jobs: features, models, indexes and data-quality checks")]
+#[command(
+    name = "recsys-trainer",
+    version,
+    about = "recsys batch jobs: features, models, indexes and data-quality checks"
+)]
 pub struct Cli {
     /// Logging.
     #[command(flatten)]
@@ -104,15 +108,32 @@ mod tests {
 
     #[test]
     fn subcommands_match_batch_job_kinds() {
-        let names: Vec<String> = Cli::command().get_subcommands().map(|c| c.get_name().to_owned()).collect();
-        let kinds: Vec<&str> = recsys_crds::JobKind::ALL.iter().map(|k| k.as_str()).collect();
+        let names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .collect();
+        let kinds: Vec<&str> = recsys_crds::JobKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect();
         assert_eq!(names, kinds);
     }
 
     #[test]
     fn operator_arguments_parse() {
-        let cli = Cli::try_parse_from(["recsys-trainer", "popularity", "--window=90d", "--half-life=7d"]).expect("parse");
-        assert_eq!(cli.job, Job::Popularity(JobArgs { options: vec!["--window=90d".into(), "--half-life=7d".into()] }));
+        let cli = Cli::try_parse_from([
+            "recsys-trainer",
+            "popularity",
+            "--window=90d",
+            "--half-life=7d",
+        ])
+        .expect("parse");
+        assert_eq!(
+            cli.job,
+            Job::Popularity(JobArgs {
+                options: vec!["--window=90d".into(), "--half-life=7d".into()]
+            })
+        );
         let err = run(&cli.job).expect_err("not available yet");
         assert_eq!(err.exit_code(), recsys_core::exit::NOT_RETRYABLE);
     }

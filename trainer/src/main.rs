@@ -10,7 +10,12 @@ fn main() {
         std::process::exit(recsys_core::exit::NOT_RETRYABLE);
     }
     if let Err(e) = recsys_trainer::run(&cli.job) {
-        tracing::error!(job = cli.job.name(), kind = e.kind(), error = &e as &dyn std::error::Error, "job failed");
+        tracing::error!(
+            job = cli.job.name(),
+            kind = e.kind(),
+            error = &e as &dyn std::error::Error,
+            "job failed"
+        );
         std::process::exit(e.exit_code());
     }
 }

@@ -1,5 +1,6 @@
 //! Writes the CustomResourceDefinitions of recsys into a directory (by default
-//! `charts/recsys/crds/`), one file per kind, or prints them all with `--stdout`.
+//! `charts/recsys/crds/`), one file per kind, and the API reference into `docs/crds.md`; or
+//! prints the CRDs with `--stdout`.
 
 use std::path::PathBuf;
 
@@ -19,5 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(&path, recsys_crds::crd_yaml(&crd)?)?;
         eprintln!("wrote {}", path.display());
     }
+    let reference = PathBuf::from(args.next().unwrap_or_else(|| "docs/crds.md".into()));
+    std::fs::write(
+        &reference,
+        recsys_crds::reference::markdown(&recsys_crds::crds()),
+    )?;
+    eprintln!("wrote {}", reference.display());
     Ok(())
 }

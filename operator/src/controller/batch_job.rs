@@ -22,6 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use recsys_crds::batch_job::{ConcurrencyPolicy, JobRun};
 use recsys_crds::common::ConditionStatus;
@@ -422,7 +423,7 @@ pub fn runs_from_jobs(jobs: &[Job], limit: usize) -> Vec<JobRun> {
                 })
             })
             .collect();
-    runs.sort_by(|a, b| b.started_at.0.cmp(&a.started_at.0));
+    runs.sort_by_key(|r| std::cmp::Reverse(r.started_at.0));
     runs.truncate(limit);
     runs
 }
@@ -519,29 +520,24 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
     if before != status {
         apply_status(&ctx.client, bj.as_ref(), &status).await?;
         announce_transitions(&ctx, bj.as_ref(), &before.conditions, &status.conditions).await;
-        if let (Some(new), old) = (status.history.first(), before.history.first()) {
-            if old.is_none_or(|o| o.job_name != new.job_name) {
-                let type_ = if new.outcome == "Succeeded" {
-                    kube::runtime::events::EventType::Normal
-                } else {
-                    kube::runtime::events::EventType::Warning
-                };
-                let note = format!(
-                    "run {} {} after {} attempt(s) {}",
-                    new.job_name,
-                    new.outcome.to_lowercase(),
-                    new.attempts,
-                    new.reason
-                );
-                ctx.event(
-                    bj.as_ref(),
-                    type_,
-                    &format!("Run{}", new.outcome),
-                    note,
-                    "Run",
-                )
-                .await;
-            }
+        let previous = before.history.first();
+        if let Some(new) = status.history.first()
+            && previous.is_none_or(|o| o.job_name != new.job_name)
+        {
+            let type_ = if new.outcome == "Succeeded" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            };
+            let note = format!(
+                "run {} {} after {} attempt(s) {}",
+                new.job_name,
+                new.outcome.to_lowercase(),
+                new.attempts,
+                new.reason
+            );
+            let reason = format!("Run{}", new.outcome);
+            ctx.event(bj.as_ref(), type_, &reason, note, "Run").await;
         }
     }
     if running {
@@ -585,7 +581,10 @@ spec:
     #[test]
     fn a_scheduled_job_owns_a_cronjob_with_retries_and_policy() {
         let b = bj(POPULARITY);
-        assert_eq!(assess(&b, &[b.clone()]).ready_reason, "Scheduled");
+        assert_eq!(
+            assess(&b, std::slice::from_ref(&b)).ready_reason,
+            "Scheduled"
+        );
         let cj = desired_cronjob(&b, &settings()).expect("cronjob");
         let spec = cj.spec.expect("spec");
         assert_eq!(spec.schedule, "*/5 * * * *");
@@ -662,7 +661,10 @@ spec:
         let a = bj(
             "{apiVersion: recsys.io/v1alpha1, kind: BatchJob, metadata: {name: a}, spec: {job: popularity, after: [b]}}",
         );
-        assert_eq!(assess(&a, &[a.clone()]).ready_reason, "UnknownDependency");
+        assert_eq!(
+            assess(&a, std::slice::from_ref(&a)).ready_reason,
+            "UnknownDependency"
+        );
         let b = bj(
             "{apiVersion: recsys.io/v1alpha1, kind: BatchJob, metadata: {name: b}, spec: {job: cf-train, after: [a]}}",
         );

@@ -324,7 +324,7 @@ spec:
     #[test]
     fn a_standalone_feature_is_ready() {
         let a = feature("pop", "popularity_score", "1.0.0", &[]);
-        let got = assess(&a, &[a.clone()]);
+        let got = assess(&a, std::slice::from_ref(&a));
         assert!(got.is_accepted());
         assert_eq!(got.ready, ConditionStatus::True);
         assert_eq!(got.ready_reason, "Resolved");
@@ -405,7 +405,7 @@ spec:
         old.spec.deprecation = Some(serde_yaml::from_str("replacedBy: pop_v2").expect("yaml"));
         let old = Arc::new(old);
         assert_eq!(
-            assess(&old, &[old.clone()]).ready_reason,
+            assess(&old, std::slice::from_ref(&old)).ready_reason,
             "UnresolvedReplacement"
         );
         let succ = feature("pop-v2", "pop_v2", "1.0.0", &[]);

@@ -1,0 +1,143 @@
+//! The Helm chart: lints, renders, is accepted by the real API server, and once installed its
+//! operator Deployment gets Pods Running on the kwok node (the control plane really works).
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+use recsys_tests::{TestEnv, TestNamespace, install_crds, repo_root, wait_for};
+
+fn run(cmd: &mut std::process::Command) -> anyhow::Result<String> {
+    let out = cmd.output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+#[tokio::test]
+async fn chart_lints_renders_applies_and_runs() -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let client = env.client().await?;
+    install_crds(&client).await?;
+    let ns = TestNamespace::create(&env, &client, "chart").await?;
+    let chart = repo_root().join("charts/recsys");
+    let chart = chart.to_str().unwrap_or("charts/recsys");
+
+    let lint = run(env.command("helm").args(["lint", "--strict", chart]))?;
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+
+    // Leader election with two replicas, every optional template on: all must be accepted.
+    let rendered = run(env.command("helm").args([
+        "template",
+        "recsys",
+        chart,
+        "--namespace",
+        &ns.name,
+        "--include-crds",
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "networkPolicy.enabled=true",
+    ]))?;
+    for kind in [
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "NetworkPolicy",
+    ] {
+        assert!(
+            rendered.contains(&format!("kind: {kind}\n")),
+            "no {kind} rendered"
+        );
+    }
+    let manifest = std::env::temp_dir().join(format!("{}-rendered.yaml", ns.name));
+    std::fs::write(&manifest, &rendered)?;
+    let path = manifest.to_str().unwrap_or_default();
+    let applied = run(env.command("kubectl").args([
+        "apply",
+        "--dry-run=server",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        path,
+    ]))?;
+    assert!(
+        applied.contains("deployment.apps/recsys-operator serverside-applied (server dry run)"),
+        "{applied}"
+    );
+
+    // Two replicas without leader election would both act: the chart refuses to render.
+    let refused = env
+        .command("helm")
+        .args([
+            "template",
+            "recsys",
+            chart,
+            "--set",
+            "operator.replicas=2",
+            "--set",
+            "operator.leaderElection.enabled=false",
+        ])
+        .output()?;
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("leaderElection"));
+
+    // A real install: the Deployment's Pods are scheduled onto the kwok node and run.
+    run(env.command("helm").args([
+        "install",
+        "recsys",
+        chart,
+        "--namespace",
+        &ns.name,
+        "--skip-crds",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]))?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let node = env.var("RECSYS_TEST_KWOK_NODE")?.to_owned();
+    wait_for(
+        Duration::from_secs(60),
+        "operator Deployment available with a Running pod on the kwok node",
+        || async {
+            let d = deployments.get("recsys-operator").await?;
+            let available = d.status.and_then(|s| s.available_replicas).unwrap_or(0);
+            let list = pods
+                .list(&ListParams::default().labels("app.kubernetes.io/name=recsys-operator"))
+                .await?;
+            let running_on_kwok = list.items.iter().any(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str())
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            });
+            Ok(available >= 1 && running_on_kwok)
+        },
+    )
+    .await?;
+    let pod = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=recsys-operator"))
+        .await?
+        .items
+        .remove(0);
+    let container = &pod.spec.unwrap_or_default().containers[0];
+    let sc = container.security_context.clone().unwrap_or_default();
+    assert_eq!(
+        (sc.read_only_root_filesystem, sc.run_as_non_root),
+        (Some(true), Some(true))
+    );
+    run(env
+        .command("helm")
+        .args(["uninstall", "recsys", "--namespace", &ns.name]))?;
+    Ok(())
+}
