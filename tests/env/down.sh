@@ -34,6 +34,11 @@ if [[ -d "$PIDS_DIR" ]]; then
 		svc="${SERVICES[i]}"
 		case "$svc" in
 		postgres) svc_stop postgres INT 30 ;; # fast shutdown via the postmaster
+		seaweedfs)
+			svc_stop seaweedfs TERM 15
+			# weed leaves unix sockets named after its ports in /tmp
+			for p in $(svc_ports seaweedfs); do rm -f "${TMPDIR:-/tmp}"/seaweedfs-*-"$p".sock; done
+			;;
 		*) svc_stop "$svc" TERM 15 ;;
 		esac
 	done

@@ -24,7 +24,7 @@ PKI_DIR="$TESTENV_DIR/pki"
 PG_PORT="${RECSYS_TESTENV_PG_PORT:-55432}"
 REDIS_PORT="${RECSYS_TESTENV_REDIS_PORT:-56379}"
 S3_PORT="${RECSYS_TESTENV_S3_PORT:-58333}"
-# weed mini's internal servers use SEAWEED_PORT_BASE .. SEAWEED_PORT_BASE+8
+# weed mini's internal servers use SEAWEED_PORT_BASE .. SEAWEED_PORT_BASE+7 and SEAWEED_PORT_BASE-9993
 SEAWEED_PORT_BASE="${RECSYS_TESTENV_SEAWEED_PORT_BASE:-58340}"
 ETCD_PORT="${RECSYS_TESTENV_ETCD_PORT:-52379}"
 ETCD_PEER_PORT="${RECSYS_TESTENV_ETCD_PEER_PORT:-52380}"
@@ -45,6 +45,20 @@ KWOK_NODE="${RECSYS_TESTENV_KWOK_NODE:-kwok-node-0}"
 
 # start order; down.sh stops in reverse
 SERVICES=(postgres redis seaweedfs etcd apiserver controller-manager scheduler kwok)
+
+# Ports a service listens on (all on 127.0.0.1).
+svc_ports() {
+	case "$1" in
+	postgres) echo "$PG_PORT" ;;
+	redis) echo "$REDIS_PORT" ;;
+	seaweedfs) echo "$S3_PORT $(seq "$SEAWEED_PORT_BASE" $((SEAWEED_PORT_BASE + 7)) | tr '\n' ' ') $((SEAWEED_PORT_BASE - 9993))" ;;
+	etcd) echo "$ETCD_PORT $ETCD_PEER_PORT" ;;
+	apiserver) echo "$APISERVER_PORT" ;;
+	controller-manager) echo "$KCM_PORT" ;;
+	scheduler) echo "$SCHEDULER_PORT" ;;
+	kwok) echo "$KWOK_PORT" ;;
+	esac
+}
 
 log() { printf '[testenv %3ds] %s\n' "$SECONDS" "$*"; }
 warn() { printf '[testenv %3ds] WARNING: %s\n' "$SECONDS" "$*" >&2; }

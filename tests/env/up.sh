@@ -219,19 +219,6 @@ reserve_ports() {
 	[[ "$new" == "$cur" ]] || echo "$new" >"$f" 2>/dev/null || warn "could not reserve ports in $f"
 }
 
-svc_ports() {
-	case "$1" in
-	postgres) echo "$PG_PORT" ;;
-	redis) echo "$REDIS_PORT" ;;
-	seaweedfs) echo "$S3_PORT $(seq "$SEAWEED_PORT_BASE" $((SEAWEED_PORT_BASE + 8)) | tr '\n' ' ')" ;;
-	etcd) echo "$ETCD_PORT $ETCD_PEER_PORT" ;;
-	apiserver) echo "$APISERVER_PORT" ;;
-	controller-manager) echo "$KCM_PORT" ;;
-	scheduler) echo "$SCHEDULER_PORT" ;;
-	kwok) echo "$KWOK_PORT" ;;
-	esac
-}
-
 cmd_hash() { printf '%s\0' "$@" | sha256sum | cut -c1-16; }
 
 # svc_start NAME CMD...  -- runs CMD in its own session/process group (so down.sh
@@ -517,12 +504,14 @@ s3_bucket() {
 }
 seaweedfs_healthy() { s3_bucket --check; }
 seaweedfs_cmd() {
+	# Internal ports: master BASE(+1 grpc), volume BASE+2(+3), filer BASE+4(+5), s3 grpc BASE+6,
+	# admin http BASE-9993 with grpc BASE+7: mini's worker always dials admin grpc at http+10000.
 	local b="$SEAWEED_PORT_BASE"
 	CMD=("$WEED_BIN" mini -dir="$SW_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1
 		-s3.config="$SW_STATE/s3.json" -s3.port="$S3_PORT"
 		-master.port="$b" -master.port.grpc=$((b + 1)) -volume.port=$((b + 2)) -volume.port.grpc=$((b + 3))
 		-filer.port=$((b + 4)) -filer.port.grpc=$((b + 5)) -s3.port.grpc=$((b + 6))
-		-admin.port=$((b + 7)) -admin.port.grpc=$((b + 8)) -admin.ui=false
+		-admin.port=$((b - 9993)) -admin.ui=false
 		-webdav=false -s3.port.iceberg=0 -s3.port.lance=0)
 }
 # shellcheck disable=SC2329 # called indirectly
