@@ -30,8 +30,7 @@ use recsys_crds::{BatchJob, BatchJobStatus};
 use tracing::instrument;
 
 use super::{
-    Assessment, Context, Error, FIELD_MANAGER, Problem, announce_transitions, apply_status,
-    find_cycle,
+    Assessment, Context, Error, FIELD_MANAGER, Problem, find_cycle, stamped, write_status,
 };
 
 /// Controller name in metrics and logs.
@@ -435,10 +434,8 @@ pub fn desired_status(
     runs: Vec<JobRun>,
     now: Timestamp,
 ) -> BatchJobStatus {
-    let mut status = bj.status.clone().unwrap_or_default();
-    let generation = bj.metadata.generation;
-    assessment.apply_conditions(&mut status.conditions, generation, now);
-    status.observed_generation = generation;
+    let mut status: BatchJobStatus =
+        stamped(bj.status.as_ref(), assessment, bj.metadata.generation, now);
     if let Some(last) = runs.first() {
         status.last_schedule_time = Some(last.started_at.clone());
         status.attempts = last.attempts;
@@ -517,9 +514,7 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
     let running = runs.iter().any(|r| r.outcome == "Running");
     let status = desired_status(&bj, &assessment, runs, Timestamp::now());
     let before = bj.status.clone().unwrap_or_default();
-    if before != status {
-        apply_status(&ctx.client, bj.as_ref(), &status).await?;
-        announce_transitions(&ctx, bj.as_ref(), &before.conditions, &status.conditions).await;
+    if write_status(&ctx, bj.as_ref(), &before, &status).await? {
         let previous = before.history.first();
         if let Some(new) = status.history.first()
             && previous.is_none_or(|o| o.job_name != new.job_name)

@@ -15,7 +15,7 @@ use recsys_crds::feature_definition::FeatureDefinitionSpec;
 use recsys_crds::{FeatureDefinition, FeatureDefinitionStatus};
 use tracing::instrument;
 
-use super::{Assessment, Context, Error, Problem, announce_transitions, apply_status, find_cycle};
+use super::{Assessment, Context, Error, Problem, find_cycle, stamped, write_status};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "featuredefinition";
@@ -216,11 +216,7 @@ pub fn desired_status(
     assessment: &Assessment,
     now: Timestamp,
 ) -> FeatureDefinitionStatus {
-    let mut status = fd.status.clone().unwrap_or_default();
-    let generation = fd.metadata.generation;
-    assessment.apply_conditions(&mut status.conditions, generation, now);
-    status.observed_generation = generation;
-    status
+    stamped(fd.status.as_ref(), assessment, fd.metadata.generation, now)
 }
 
 /// Reconciles one FeatureDefinition.
@@ -244,11 +240,7 @@ pub async fn reconcile(fd: Arc<FeatureDefinition>, ctx: Arc<Context>) -> Result<
 async fn apply(fd: &FeatureDefinition, ctx: &Context) -> Result<Action, Error> {
     let assessment = assess(fd, &ctx.features.state());
     let status = desired_status(fd, &assessment, Timestamp::now());
-    let before = fd.status.clone().unwrap_or_default();
-    if before != status {
-        apply_status(&ctx.client, fd, &status).await?;
-        announce_transitions(ctx, fd, &before.conditions, &status.conditions).await;
-    }
+    write_status(ctx, fd, &fd.status.clone().unwrap_or_default(), &status).await?;
     Ok(assessment.next_action())
 }
 

@@ -306,8 +306,76 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
+/// A status with conditions and an observed generation: what every kind's status shares.
+pub trait ConditionedStatus: Serialize + PartialEq + Clone + Default {
+    /// The conditions.
+    fn conditions(&self) -> &[Condition];
+    /// The conditions, to update.
+    fn conditions_mut(&mut self) -> &mut Vec<Condition>;
+    /// Sets `observedGeneration`.
+    fn set_observed_generation(&mut self, generation: Option<i64>);
+}
+
+macro_rules! conditioned_status {
+    ($($t:ty),*) => {$(
+        impl ConditionedStatus for $t {
+            fn conditions(&self) -> &[Condition] {
+                &self.conditions
+            }
+            fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+                &mut self.conditions
+            }
+            fn set_observed_generation(&mut self, generation: Option<i64>) {
+                self.observed_generation = generation;
+            }
+        }
+    )*};
+}
+conditioned_status!(
+    recsys_crds::BatchJobStatus,
+    recsys_crds::FeatureDefinitionStatus,
+    recsys_crds::ModelDeploymentStatus
+);
+
+/// The previous status with the assessment's conditions merged in and `observedGeneration`
+/// set to `generation`: the part of every desired status that does not depend on the kind.
+pub fn stamped<S: ConditionedStatus>(
+    previous: Option<&S>,
+    assessment: &Assessment,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> S {
+    let mut status = previous.cloned().unwrap_or_default();
+    assessment.apply_conditions(status.conditions_mut(), generation, now);
+    status.set_observed_generation(generation);
+    status
+}
+
+/// Writes `after` when it differs from `before` and announces condition transitions.
+/// Returns whether anything was written.
+pub async fn write_status<K, S>(
+    ctx: &Context,
+    obj: &K,
+    before: &S,
+    after: &S,
+) -> Result<bool, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + Debug,
+    S: ConditionedStatus,
+{
+    if before == after {
+        return Ok(false);
+    }
+    apply_status(&ctx.client, obj, after).await?;
+    announce_transitions(ctx, obj, before.conditions(), after.conditions()).await;
+    Ok(true)
+}
+
 /// Writes `status` with server-side apply under [`FIELD_MANAGER`].
-pub async fn apply_status<K, S>(client: &Client, obj: &K, status: &S) -> Result<(), Error>
+async fn apply_status<K, S>(client: &Client, obj: &K, status: &S) -> Result<(), Error>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
         + DeserializeOwned
@@ -336,12 +404,8 @@ where
 
 /// Publishes Events for condition transitions between `before` and `after`: a Warning when the
 /// spec is rejected, Normal when it becomes accepted or ready, Warning when it stops being ready.
-pub async fn announce_transitions<K>(
-    ctx: &Context,
-    obj: &K,
-    before: &[Condition],
-    after: &[Condition],
-) where
+async fn announce_transitions<K>(ctx: &Context, obj: &K, before: &[Condition], after: &[Condition])
+where
     K: Resource<DynamicType = ()>,
 {
     for type_ in [ACCEPTED, READY] {

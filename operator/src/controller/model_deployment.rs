@@ -12,7 +12,7 @@ use recsys_crds::common::ConditionStatus;
 use recsys_crds::{ModelDeployment, ModelDeploymentStatus};
 use tracing::instrument;
 
-use super::{Assessment, Context, Error, Problem, announce_transitions, apply_status};
+use super::{Assessment, Context, Error, Problem, stamped, write_status};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "modeldeployment";
@@ -92,10 +92,8 @@ pub fn desired_status(
     assessment: &Assessment,
     now: Timestamp,
 ) -> ModelDeploymentStatus {
-    let mut status = md.status.clone().unwrap_or_default();
-    let generation = md.metadata.generation;
-    assessment.apply_conditions(&mut status.conditions, generation, now);
-    status.observed_generation = generation;
+    let mut status: ModelDeploymentStatus =
+        stamped(md.status.as_ref(), assessment, md.metadata.generation, now);
     if assessment.is_accepted()
         && status.stable_version.as_deref() != Some(md.spec.version.as_str())
     {
@@ -110,11 +108,13 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     let assessment = assess(&md);
     let status = desired_status(&md, &assessment, Timestamp::now());
-    let before = md.status.clone().unwrap_or_default();
-    if before != status {
-        apply_status(&ctx.client, md.as_ref(), &status).await?;
-        announce_transitions(&ctx, md.as_ref(), &before.conditions, &status.conditions).await;
-    }
+    write_status(
+        &ctx,
+        md.as_ref(),
+        &md.status.clone().unwrap_or_default(),
+        &status,
+    )
+    .await?;
     Ok(assessment.next_action())
 }
 
