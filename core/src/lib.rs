@@ -4,7 +4,9 @@
 //! no server and a production implementation; this first version carries the production
 //! clients' connection settings (Postgres, Redis, S3) and the telemetry every binary shares.
 
+pub mod artifacts;
 pub mod cf;
+pub mod events;
 pub mod exit;
 pub mod stores;
 pub mod telemetry;

@@ -284,13 +284,55 @@ pub fn aggregate<I>(events: I, opts: &AggregateOptions) -> Result<Interactions, 
 where
     I: IntoIterator<Item = Event>,
 {
-    let mut users = IdMap::default();
-    let mut items = IdMap::default();
+    aggregate_into(
+        events,
+        opts,
+        IdMap::default(),
+        IdMap::default(),
+        IdPolicy::Grow,
+    )
+    .map(|(x, _)| x)
+}
+
+/// Whether aggregation may add ids to the maps it is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdPolicy {
+    /// New users and items get new indices.
+    Grow,
+    /// Only known ids count; events of unknown users or items are dropped and counted (a test
+    /// set mapped onto a training set's ids).
+    Known,
+}
+
+/// Aggregates events per (user, item) onto existing id maps. Returns the interactions and the
+/// number of events dropped under [`IdPolicy::Known`].
+pub fn aggregate_into<I>(
+    events: I,
+    opts: &AggregateOptions,
+    mut users: IdMap,
+    mut items: IdMap,
+    policy: IdPolicy,
+) -> Result<(Interactions, usize), DataError>
+where
+    I: IntoIterator<Item = Event>,
+{
+    let mut dropped = 0;
     let mut raw: Vec<(u32, u32, f32, Option<i64>)> = vec![];
     let (mut t_min, mut t_max) = (i64::MAX, i64::MIN);
     for e in events {
-        let u = users.intern(&e.user, "users")?;
-        let i = items.intern(&e.item, "items")?;
+        let (u, i) = match policy {
+            IdPolicy::Grow => (
+                users.intern(&e.user, "users")?,
+                items.intern(&e.item, "items")?,
+            ),
+            IdPolicy::Known => match (users.get(&e.user), items.get(&e.item)) {
+                (Some(u), Some(i)) => (u, i),
+                _ => {
+                    dropped += 1;
+                    continue;
+                }
+            },
+        };
         // A rating weighs its value; any other event weighs its type's weight unless it
         // carries its own (`user item weight` files).
         let w = match e.value {
@@ -374,12 +416,15 @@ where
         });
     }
     let matrix = CsMat::new((users.len(), items.len()), indptr, indices, data);
-    Ok(Interactions {
-        users,
-        items,
-        matrix,
-        time_range,
-    })
+    Ok((
+        Interactions {
+            users,
+            items,
+            matrix,
+            time_range,
+        },
+        dropped,
+    ))
 }
 
 /// How an aggregated weight becomes an ALS confidence.
@@ -497,6 +542,33 @@ mod tests {
         assert_eq!(x.matrix.nnz(), 3);
         assert_eq!(x.time_range, Some((1, 5)));
         assert!(x.matrix.is_csr());
+    }
+
+    #[test]
+    fn a_test_set_maps_onto_training_ids_and_counts_the_rest() {
+        let train = aggregate(
+            vec![
+                ev("u1", "a", EventType::View, 1),
+                ev("u2", "b", EventType::View, 1),
+            ],
+            &loose(),
+        )
+        .expect("train");
+        let (test, dropped) = aggregate_into(
+            vec![
+                ev("u2", "a", EventType::Purchase, 2),
+                ev("u3", "a", EventType::View, 2),
+                ev("u1", "z", EventType::View, 2),
+            ],
+            &loose(),
+            train.users.clone(),
+            train.items.clone(),
+            IdPolicy::Known,
+        )
+        .expect("test");
+        assert_eq!(dropped, 2);
+        assert_eq!(test.matrix.shape(), train.matrix.shape());
+        assert_eq!(test.matrix.get(1, 0), Some(&3.0));
     }
 
     #[test]

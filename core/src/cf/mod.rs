@@ -6,3 +6,4 @@
 pub mod als;
 pub mod eval;
 pub mod interactions;
+pub mod search;
