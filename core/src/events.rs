@@ -57,6 +57,14 @@ pub enum EventsError {
     /// A migration failed.
     #[error("postgres migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// An event id is already stored for a different event.
+    #[error(
+        "event id {event_id:?} is already stored for a different event; event ids must be unique"
+    )]
+    ConflictingEventId {
+        /// The id.
+        event_id: String,
+    },
 }
 
 impl EventsError {
@@ -68,6 +76,7 @@ impl EventsError {
             Self::UnknownFormat { .. } => "EventsFormat",
             Self::Postgres(_) => "EventsPostgres",
             Self::Migrate(_) => "EventsMigrate",
+            Self::ConflictingEventId { .. } => "ConflictingEventId",
         }
     }
 
@@ -115,6 +124,8 @@ pub fn read_file(path: &Path, format: FileFormat) -> Result<Vec<Event>, EventsEr
         FileFormat::Otto => Layout::Otto,
     };
     let mut events = vec![];
+    let mut seen_ids: std::collections::HashMap<String, (usize, Event)> =
+        std::collections::HashMap::new();
     for (n, line) in lines {
         let line = line.map_err(io)?;
         let trimmed = line.trim();
@@ -132,7 +143,25 @@ pub fn read_file(path: &Path, format: FileFormat) -> Result<Vec<Event>, EventsEr
                     events.push(e);
                 }
             }
-            Layout::Jsonl => events.push(parse_json_event(trimmed).map_err(parse)?),
+            Layout::Jsonl => {
+                let (event, id) = parse_json_event(trimmed).map_err(parse)?;
+                if let Some(id) = id {
+                    match seen_ids.get(&id) {
+                        Some((first_line, first)) if first != &event => {
+                            return Err(parse(format!(
+                                "event id {id:?} was already used on line {first_line} for a different event ({} of {} by {}); ids must be unique",
+                                first.kind, first.item, first.user
+                            )));
+                        }
+                        // The same event twice: ingestion is idempotent, keep one.
+                        Some(_) => continue,
+                        None => {
+                            seen_ids.insert(id, (n + 1, event.clone()));
+                        }
+                    }
+                }
+                events.push(event);
+            }
             Layout::Otto => events.extend(parse_otto_session(trimmed).map_err(parse)?),
         }
     }
@@ -252,7 +281,7 @@ fn id_text(v: &serde_json::Value, what: &str) -> Result<String, String> {
     }
 }
 
-fn parse_json_event(line: &str) -> Result<Event, String> {
+fn parse_json_event(line: &str) -> Result<(Event, Option<String>), String> {
     let e: JsonEvent =
         serde_json::from_str(line).map_err(|e| format!("not an event object: {e}"))?;
     let kind: EventType = e
@@ -271,14 +300,18 @@ fn parse_json_event(line: &str) -> Result<Event, String> {
     if kind == EventType::Rating && e.value.is_none() {
         return Err("a rating needs a value".into());
     }
-    let _ = (e.id, e.category);
-    Ok(Event {
-        user: id_text(&e.user_id, "user_id")?,
-        item: id_text(&e.product_id, "product_id")?,
-        kind,
-        ts_ms,
-        value: e.value,
-    })
+    let id = e.id.as_ref().map(|v| id_text(v, "event_id")).transpose()?;
+    let _ = e.category;
+    Ok((
+        Event {
+            user: id_text(&e.user_id, "user_id")?,
+            item: id_text(&e.product_id, "product_id")?,
+            kind,
+            ts_ms,
+            value: e.value,
+        },
+        id,
+    ))
 }
 
 #[derive(Deserialize)]
@@ -371,10 +404,12 @@ impl PostgresEvents {
             values.push(r.event.value);
             categories.push(r.category.clone());
         }
-        let done = sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO events (event_id, user_id, product_id, event_type, occurred_at, value, category)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::real[], $7::text[])
-             ON CONFLICT (event_id) DO NOTHING",
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING event_id",
         )
         .bind(&ids)
         .bind(&users)
@@ -383,9 +418,45 @@ impl PostgresEvents {
         .bind(&times)
         .bind(&values)
         .bind(&categories)
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(done.rows_affected())
+        // Ids that were already stored must describe the same event; anything else is a
+        // collision that would silently drop data, so the whole batch is refused.
+        if inserted.len() < rows.len() {
+            let new: std::collections::HashSet<&str> =
+                inserted.iter().map(String::as_str).collect();
+            let old_ids: Vec<String> = ids
+                .iter()
+                .filter(|id| !new.contains(id.as_str()))
+                .cloned()
+                .collect();
+            let stored: Vec<(String, String, String, String, DateTime<Utc>, Option<f32>)> = sqlx::query_as(
+                "SELECT event_id, user_id, product_id, event_type, occurred_at, value FROM events WHERE event_id = ANY($1)",
+            )
+            .bind(&old_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+            let by_id: std::collections::HashMap<&str, usize> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), i))
+                .collect();
+            for (id, user, item, kind, at, value) in stored {
+                let Some(&i) = by_id.get(id.as_str()) else {
+                    continue;
+                };
+                if users[i] != user
+                    || items[i] != item
+                    || kinds[i] != kind
+                    || times[i] != at
+                    || values[i] != value
+                {
+                    return Err(EventsError::ConflictingEventId { event_id: id });
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(inserted.len() as u64)
     }
 
     /// Events that happened in `[from, to)`, oldest first.
@@ -471,6 +542,24 @@ mod tests {
         assert!(e.contains("e.jsonl:1:") && e.contains("wishlist"), "{e}");
         let e = read_file(Path::new("/nonexistent/events.tsv"), FileFormat::Auto).expect_err("io");
         assert!(e.retryable() && e.to_string().contains("/nonexistent/events.tsv"));
+    }
+
+    #[test]
+    fn an_event_id_names_one_event() {
+        let same = "{\"event_id\":\"e1\",\"user_id\":\"u\",\"product_id\":\"p\",\"event_type\":\"view\",\"timestamp\":1}\n";
+        let (_d, p) = file("e.jsonl", &format!("{same}{same}"));
+        assert_eq!(
+            read_file(&p, FileFormat::Auto)
+                .expect("duplicate of the same event")
+                .len(),
+            1
+        );
+        let other = "{\"event_id\":\"e1\",\"user_id\":\"u\",\"product_id\":\"p\",\"event_type\":\"purchase\",\"timestamp\":1}\n";
+        let (_d, p) = file("e.jsonl", &format!("{same}{other}"));
+        let e = read_file(&p, FileFormat::Auto)
+            .expect_err("conflict")
+            .to_string();
+        assert!(e.contains("e.jsonl:2:") && e.contains("line 1"), "{e}");
     }
 
     #[test]
