@@ -370,6 +370,9 @@ pub struct EventRow {
     pub category: Option<String>,
 }
 
+/// `(event_id, user_id, product_id, event_type, occurred_at, value)` as read back.
+type StoredRow = (String, String, String, String, DateTime<Utc>, Option<f32>);
+
 /// The production events seam: the Postgres `events` table.
 #[derive(Clone, Debug)]
 pub struct PostgresEvents {
@@ -430,7 +433,7 @@ impl PostgresEvents {
                 .filter(|id| !new.contains(id.as_str()))
                 .cloned()
                 .collect();
-            let stored: Vec<(String, String, String, String, DateTime<Utc>, Option<f32>)> = sqlx::query_as(
+            let stored: Vec<StoredRow> = sqlx::query_as(
                 "SELECT event_id, user_id, product_id, event_type, occurred_at, value FROM events WHERE event_id = ANY($1)",
             )
             .bind(&old_ids)

@@ -8,5 +8,6 @@ pub mod artifacts;
 pub mod cf;
 pub mod events;
 pub mod exit;
+pub mod features;
 pub mod stores;
 pub mod telemetry;

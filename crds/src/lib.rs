@@ -20,6 +20,7 @@
 pub mod batch_job;
 pub mod common;
 pub mod feature_definition;
+pub mod feature_docs;
 pub mod model_deployment;
 pub mod reference;
 

@@ -52,6 +52,28 @@ fn committed_reference_matches_the_types() {
 }
 
 #[test]
+fn feature_catalogue_matches_the_definitions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let defs = recsys_crds::feature_docs::load(&root.join("docs/examples/features"))
+        .expect("feature definitions");
+    let names: Vec<&str> = defs.iter().map(|d| d.spec.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "freshness_score",
+            "popularity_score",
+            "user_category_affinity"
+        ]
+    );
+    let have =
+        std::fs::read_to_string(root.join("docs/FEATURE_DEFINITIONS.md")).unwrap_or_default();
+    assert!(
+        have == recsys_crds::feature_docs::markdown(&defs),
+        "docs/FEATURE_DEFINITIONS.md is out of date; run `cargo run -p recsys-crds --bin crdgen` and commit"
+    );
+}
+
+#[test]
 fn every_kind_is_in_the_recsys_category_with_a_short_name() {
     for crd in recsys_crds::crds() {
         let names = &crd.spec.names;

@@ -12,7 +12,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
 use recsys_crds::common::find_condition;
 use recsys_crds::{BatchJob, FeatureDefinition, ModelDeployment};
-use recsys_tests::{TestEnv, TestNamespace, install_crds, manifest, wait_for};
+use recsys_tests::{TestEnv, TestNamespace, example, install_crds, wait_for};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(45);
@@ -107,12 +107,6 @@ async fn http_get(url: &str) -> anyhow::Result<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
-}
-
-fn example(kind: &str, ns: &str) -> anyhow::Result<serde_json::Value> {
-    let mut v = manifest(&format!("docs/examples/{kind}.yaml"))?;
-    v["metadata"]["namespace"] = json!(ns);
-    Ok(v)
 }
 
 async fn apply<K>(api: &Api<K>, name: &str, body: &serde_json::Value) -> anyhow::Result<K>

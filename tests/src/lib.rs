@@ -224,6 +224,18 @@ where
     }
 }
 
+/// The example manifest of a kind under `docs/examples/`, moved into namespace `ns`.
+/// FeatureDefinition's example is `popularity_score`, one of the shipped features.
+pub fn example(kind: &str, ns: &str) -> anyhow::Result<serde_json::Value> {
+    let file = match kind.to_lowercase().as_str() {
+        "featuredefinition" => "features/popularity-score".to_owned(),
+        other => other.to_owned(),
+    };
+    let mut v = manifest(&format!("docs/examples/{file}.yaml"))?;
+    v["metadata"]["namespace"] = serde_json::json!(ns);
+    Ok(v)
+}
+
 /// Reads a YAML manifest under the repository root.
 pub fn manifest(path: &str) -> anyhow::Result<serde_json::Value> {
     let full = repo_root().join(path);

@@ -5,17 +5,11 @@ use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use kube::core::Status;
-use recsys_tests::{TestEnv, TestNamespace, install_crds, manifest};
+use recsys_tests::{TestEnv, TestNamespace, example, install_crds};
 use serde_json::{Value, json};
 
 fn resource(kind: &str) -> ApiResource {
     ApiResource::from_gvk(&GroupVersionKind::gvk("recsys.io", "v1alpha1", kind))
-}
-
-fn example(kind: &str, ns: &str) -> anyhow::Result<Value> {
-    let mut v = manifest(&format!("docs/examples/{}.yaml", kind.to_lowercase()))?;
-    v["metadata"]["namespace"] = json!(ns);
-    Ok(v)
 }
 
 /// Sets `value` at a slash-separated path such as `spec/strategy/steps`.
@@ -311,6 +305,29 @@ async fn crds_examples_rules_and_columns() -> anyhow::Result<()> {
         create(&api, &example(kind, &ns.name)?, false)
             .await
             .map_err(|e| anyhow::anyhow!("example {kind} rejected: {e}"))?;
+    }
+
+    // So is every shipped feature definition.
+    let features = recsys_tests::repo_root().join("docs/examples/features");
+    let fd_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns.name, &resource("FeatureDefinition"));
+    for entry in std::fs::read_dir(&features)? {
+        let path = entry?.path();
+        let rel = path
+            .strip_prefix(recsys_tests::repo_root())?
+            .to_string_lossy()
+            .into_owned();
+        let mut v = recsys_tests::manifest(&rel)?;
+        v["metadata"]["namespace"] = json!(ns.name);
+        // A name of its own: the popularity example was created above already.
+        let name = format!(
+            "{}-check",
+            v["metadata"]["name"].as_str().unwrap_or("feature")
+        );
+        v["metadata"]["name"] = json!(name);
+        create(&fd_api, &v, true)
+            .await
+            .map_err(|e| anyhow::anyhow!("{rel} rejected: {e}"))?;
     }
 
     // Every rule rejects its bad object, with its message and the field.

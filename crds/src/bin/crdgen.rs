@@ -26,5 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         recsys_crds::reference::markdown(&recsys_crds::crds()),
     )?;
     eprintln!("wrote {}", reference.display());
+    let features = recsys_crds::feature_docs::load(std::path::Path::new("docs/examples/features"))?;
+    let catalogue = PathBuf::from("docs/FEATURE_DEFINITIONS.md");
+    std::fs::write(&catalogue, recsys_crds::feature_docs::markdown(&features))?;
+    eprintln!("wrote {}", catalogue.display());
     Ok(())
 }

@@ -1,0 +1,1 @@
+//! The offline part of the feature store (in progress).

@@ -1,0 +1,1 @@
+//! The online part of the feature store (in progress).

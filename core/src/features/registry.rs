@@ -1,0 +1,1 @@
+//! The registry part of the feature store (in progress).
