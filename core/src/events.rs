@@ -103,6 +103,18 @@ pub enum FileFormat {
 
 /// Reads every event of a file.
 pub fn read_file(path: &Path, format: FileFormat) -> Result<Vec<Event>, EventsError> {
+    Ok(read_file_with_categories(path, format)?
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect())
+}
+
+/// Reads every event of a file with its product category, when the format carries one
+/// (JSON lines' `category`).
+pub fn read_file_with_categories(
+    path: &Path,
+    format: FileFormat,
+) -> Result<Vec<(Event, Option<String>)>, EventsError> {
     let io = |source| EventsError::Io {
         path: path.to_owned(),
         source,
@@ -140,11 +152,11 @@ pub fn read_file(path: &Path, format: FileFormat) -> Result<Vec<Event>, EventsEr
         match format {
             Layout::Delimited { csv } => {
                 if let Some(e) = parse_delimited(trimmed, csv, n == 0).map_err(parse)? {
-                    events.push(e);
+                    events.push((e, None));
                 }
             }
             Layout::Jsonl => {
-                let (event, id) = parse_json_event(trimmed).map_err(parse)?;
+                let (event, id, category) = parse_json_event(trimmed).map_err(parse)?;
                 if let Some(id) = id {
                     match seen_ids.get(&id) {
                         Some((first_line, first)) if first != &event => {
@@ -160,9 +172,14 @@ pub fn read_file(path: &Path, format: FileFormat) -> Result<Vec<Event>, EventsEr
                         }
                     }
                 }
-                events.push(event);
+                events.push((event, category));
             }
-            Layout::Otto => events.extend(parse_otto_session(trimmed).map_err(parse)?),
+            Layout::Otto => events.extend(
+                parse_otto_session(trimmed)
+                    .map_err(parse)?
+                    .into_iter()
+                    .map(|e| (e, None)),
+            ),
         }
     }
     Ok(events)
@@ -281,7 +298,7 @@ fn id_text(v: &serde_json::Value, what: &str) -> Result<String, String> {
     }
 }
 
-fn parse_json_event(line: &str) -> Result<(Event, Option<String>), String> {
+fn parse_json_event(line: &str) -> Result<(Event, Option<String>, Option<String>), String> {
     let e: JsonEvent =
         serde_json::from_str(line).map_err(|e| format!("not an event object: {e}"))?;
     let kind: EventType = e
@@ -301,7 +318,6 @@ fn parse_json_event(line: &str) -> Result<(Event, Option<String>), String> {
         return Err("a rating needs a value".into());
     }
     let id = e.id.as_ref().map(|v| id_text(v, "event_id")).transpose()?;
-    let _ = e.category;
     Ok((
         Event {
             user: id_text(&e.user_id, "user_id")?,
@@ -311,6 +327,7 @@ fn parse_json_event(line: &str) -> Result<(Event, Option<String>), String> {
             value: e.value,
         },
         id,
+        e.category,
     ))
 }
 
@@ -369,6 +386,16 @@ pub struct EventRow {
     /// Product category, when known.
     pub category: Option<String>,
 }
+
+/// `(user_id, product_id, event_type, occurred_at, value, category)` as read.
+type ReadRow = (
+    String,
+    String,
+    String,
+    DateTime<Utc>,
+    Option<f32>,
+    Option<String>,
+);
 
 /// `(event_id, user_id, product_id, event_type, occurred_at, value)` as read back.
 type StoredRow = (String, String, String, String, DateTime<Utc>, Option<f32>);
@@ -468,9 +495,23 @@ impl PostgresEvents {
         from: Option<DateTime<Utc>>,
         to: Option<DateTime<Utc>>,
     ) -> Result<Vec<Event>, EventsError> {
+        Ok(self
+            .read_with_categories(from, to)
+            .await?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    /// Events that happened in `[from, to)` with their product categories, oldest first.
+    pub async fn read_with_categories(
+        &self,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(Event, Option<String>)>, EventsError> {
         use futures::TryStreamExt;
-        let mut stream = sqlx::query_as::<_, (String, String, String, DateTime<Utc>, Option<f32>)>(
-            "SELECT user_id, product_id, event_type, occurred_at, value FROM events
+        let mut stream = sqlx::query_as::<_, ReadRow>(
+            "SELECT user_id, product_id, event_type, occurred_at, value, category FROM events
              WHERE ($1::timestamptz IS NULL OR occurred_at >= $1)
                AND ($2::timestamptz IS NULL OR occurred_at < $2)
              ORDER BY occurred_at, event_id",
@@ -479,16 +520,17 @@ impl PostgresEvents {
         .bind(to)
         .fetch(&self.pool);
         let mut out = vec![];
-        while let Some((user, item, kind, at, value)) = stream.try_next().await? {
+        while let Some((user, item, kind, at, value, category)) = stream.try_next().await? {
             // The table's CHECK constraint admits only known types.
             let kind = kind.parse().unwrap_or(EventType::View);
-            out.push(Event {
+            let event = Event {
                 user,
                 item,
                 kind,
                 ts_ms: Some(at.timestamp_millis()),
                 value,
-            });
+            };
+            out.push((event, category));
         }
         Ok(out)
     }
@@ -580,6 +622,11 @@ mod tests {
             ("7", EventType::Purchase)
         );
         assert_eq!(ev[1].ts_ms, Some(1_795_680_000_000));
+        let with = read_file_with_categories(&p, FileFormat::Auto).expect("categories");
+        assert_eq!(
+            (with[0].1.as_deref(), with[1].1.as_deref()),
+            (None, Some("shoes"))
+        );
     }
 
     #[test]
