@@ -7,3 +7,4 @@ pub mod als;
 pub mod eval;
 pub mod interactions;
 pub mod search;
+pub mod synth;
