@@ -1,1 +1,0 @@
-//! The online part of the feature store (in progress).
