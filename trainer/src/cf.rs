@@ -458,53 +458,11 @@ pub struct Report {
     /// Hyper-parameters used.
     pub params: serde_json::Value,
     /// The model's metrics on the held-out split.
-    pub metrics: MetricsJson,
+    pub metrics: Metrics,
     /// The popularity baseline's on the same split.
-    pub baseline: MetricsJson,
+    pub baseline: Metrics,
     /// The search, when run.
     pub search: Option<SearchResult>,
-}
-
-/// Metrics as stored in manifests and reports.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct MetricsJson {
-    /// K.
-    pub k: usize,
-    /// Users evaluated.
-    pub users: usize,
-    /// precision@K.
-    pub precision: f64,
-    /// recall@K.
-    pub recall: f64,
-    /// MAP@K.
-    pub map: f64,
-    /// NDCG@K.
-    pub ndcg: f64,
-    /// AUC.
-    pub auc: f64,
-    /// Catalog coverage.
-    pub coverage: f64,
-    /// Personalization.
-    pub personalization: f64,
-    /// Novelty (bits).
-    pub novelty: f64,
-}
-
-impl From<Metrics> for MetricsJson {
-    fn from(m: Metrics) -> Self {
-        Self {
-            k: m.k,
-            users: m.users,
-            precision: m.precision,
-            recall: m.recall,
-            map: m.map,
-            ndcg: m.ndcg,
-            auc: m.auc,
-            coverage: m.coverage,
-            personalization: m.personalization,
-            novelty: m.novelty,
-        }
-    }
 }
 
 fn digest(x: &Interactions) -> String {
@@ -631,8 +589,8 @@ pub async fn train(args: &TrainArgs) -> Result<Report, CfError> {
     let confidence = args.prep.confidence(alpha);
     let split_model = fit(&confidence.apply(&train_w), &params, "evaluation fit")?;
     let k = args.model.k;
-    let metrics: MetricsJson = search::evaluate_als(&split_model, &train_w, &test_w, k).into();
-    let baseline: MetricsJson = search::evaluate_popularity(&train_w, &test_w, k).into();
+    let metrics: Metrics = search::evaluate_als(&split_model, &train_w, &test_w, k);
+    let baseline: Metrics = search::evaluate_popularity(&train_w, &test_w, k);
     let model = if args.publish_split_model {
         split_model
     } else {
@@ -774,9 +732,9 @@ pub fn summary(r: &Report) -> String {
 #[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
     /// The model's metrics.
-    pub model: MetricsJson,
+    pub model: Metrics,
     /// The popularity baseline's.
-    pub baseline: MetricsJson,
+    pub baseline: Metrics,
     /// Test events dropped because their user or item is not in the training data.
     pub dropped_test_events: usize,
     /// Seconds spent fitting (0 for a registered model).
@@ -823,8 +781,8 @@ pub async fn evaluate(args: &EvaluateArgs) -> Result<Evaluation, CfError> {
     };
     let fit_seconds = start.elapsed().as_secs_f64();
     let result = Evaluation {
-        model: search::evaluate_als(&model, &train_w, &test_x.matrix, k).into(),
-        baseline: search::evaluate_popularity(&train_w, &test_x.matrix, k).into(),
+        model: search::evaluate_als(&model, &train_w, &test_x.matrix, k),
+        baseline: search::evaluate_popularity(&train_w, &test_x.matrix, k),
         dropped_test_events: dropped,
         fit_seconds,
     };

@@ -62,7 +62,7 @@ pub fn leave_k_out(m: &CsMat<f32>, k: usize, seed: u64) -> (CsMat<f32>, CsMat<f3
 }
 
 /// Ranking metrics at K, averaged over the users that have test items.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Metrics {
     /// K.
     pub k: usize,
