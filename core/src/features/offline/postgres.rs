@@ -73,6 +73,20 @@ type ValueColumns = (
     Option<Vec<f32>>,
 );
 
+/// Puts rows answering a query `UNNEST … WITH ORDINALITY` (1-based `ord`) into their slots.
+fn place(
+    feature: &FeatureRef,
+    rows: Vec<ValueRow<i64>>,
+    out: &mut [Option<StoredValue>],
+) -> Result<(), OfflineError> {
+    for (ord, event, written, t, f, i, s, v) in rows {
+        if let Some(slot) = usize::try_from(ord - 1).ok().and_then(|o| out.get_mut(o)) {
+            *slot = Some(decode(feature, event, written, (t, f, i, s, v))?);
+        }
+    }
+    Ok(())
+}
+
 fn decode(
     feature: &FeatureRef,
     event_time: DateTime<Utc>,
@@ -264,14 +278,7 @@ impl OfflineStore for PostgresOfflineStore {
             .bind(cutoff)
             .fetch_all(&self.pool)
             .await?;
-            for (ord, event, written, t, f, i, s, v) in rows {
-                let slot = usize::try_from(ord - 1)
-                    .ok()
-                    .and_then(|o| out.get_mut(base + o));
-                if let Some(slot) = slot {
-                    *slot = Some(decode(feature, event, written, (t, f, i, s, v))?);
-                }
-            }
+            place(feature, rows, &mut out[base..])?;
         }
         Ok(out)
     }
@@ -307,14 +314,7 @@ impl OfflineStore for PostgresOfflineStore {
             .bind(chunk)
             .fetch_all(&self.pool)
             .await?;
-            for (ord, event, written, t, f, i, s, v) in rows {
-                let slot = usize::try_from(ord - 1)
-                    .ok()
-                    .and_then(|o| out.get_mut(base + o));
-                if let Some(slot) = slot {
-                    *slot = Some(decode(feature, event, written, (t, f, i, s, v))?);
-                }
-            }
+            place(feature, rows, &mut out[base..])?;
         }
         Ok(out)
     }
