@@ -503,6 +503,29 @@ impl PostgresEvents {
             .collect())
     }
 
+    /// Each product's first event at or before `at`, sorted by product id: the input of
+    /// `freshness_score`, aggregated in the database instead of read event by event.
+    pub async fn first_seen(
+        &self,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<crate::features::compute::ProductTimes>, EventsError> {
+        let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT product_id, min(occurred_at) FROM events WHERE occurred_at <= $1
+             GROUP BY product_id ORDER BY product_id COLLATE \"C\"",
+        )
+        .bind(at)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(product, first)| crate::features::compute::ProductTimes {
+                product,
+                first_seen_ms: first.timestamp_millis(),
+                last_updated_ms: None,
+            })
+            .collect())
+    }
+
     /// Events that happened in `[from, to)` with their product categories, oldest first.
     pub async fn read_with_categories(
         &self,

@@ -72,6 +72,38 @@ impl TestEnv {
             .with_context(|| format!("{name} is not set by the test environment (tests/env/up.sh)"))
     }
 
+    /// Creates an empty Postgres database `t_<prefix>_<random>` and returns its URL: for tests
+    /// whose jobs read whole tables (the events table), which other tests also write.
+    /// Databases are left behind (the environment is disposable); they are small.
+    pub async fn fresh_database(&self, prefix: &str) -> anyhow::Result<String> {
+        use sqlx::Connection as _;
+        anyhow::ensure!(
+            prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+            "database prefix {prefix:?}: use [a-z0-9_]"
+        );
+        let url = self.var("RECSYS_TEST_DATABASE_URL")?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos();
+        let name = format!(
+            "t_{prefix}_{:x}_{:x}",
+            std::process::id(),
+            nanos & 0xff_ffff_ffff
+        );
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        conn.close().await?;
+        let (base, _db) = url
+            .rsplit_once('/')
+            .with_context(|| format!("{url}: no database name"))?;
+        Ok(format!("{base}/{name}"))
+    }
+
     /// A Kubernetes client with the admin kubeconfig.
     pub async fn client(&self) -> anyhow::Result<Client> {
         let kubeconfig = kube::config::Kubeconfig::read_from(self.var("KUBECONFIG")?)?;

@@ -4,13 +4,16 @@
 //! 2 a failure retrying cannot fix (bad data, bad options). The operator's pod failure policy
 //! stops a run at once on 2.
 //!
-//! Implemented: `cf-train` and `evaluate`. The feature jobs (`popularity`, `freshness`,
-//! `category-affinity`, `backfill`), `index-rebuild` and `data-quality` exist in the command
-//! line the operator calls and fail with exit code 2 saying they are not available yet.
+//! Implemented: `cf-train` and `evaluate` ([`cf`]); `popularity`, `freshness`,
+//! `category-affinity` and `backfill` ([`features`]). `index-rebuild` and `data-quality`
+//! exist in the command line the operator calls and fail with exit code 2 saying they are not
+//! available yet.
 
 pub mod cf;
+pub mod features;
 
 use clap::{Parser, Subcommand};
+use recsys_core::features::compute::Computation;
 use recsys_core::telemetry::TelemetryArgs;
 
 /// Options of `recsys-trainer`.
@@ -34,17 +37,17 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 pub enum Job {
     /// popularity_score per product: rolling window, event weights, time decay.
-    Popularity(PassThrough),
+    Popularity(features::MaterializeArgs),
     /// freshness_score per product from first-seen and last-updated times.
-    Freshness(PassThrough),
+    Freshness(features::MaterializeArgs),
     /// user_category_affinity: time-decayed share of each user's interactions per category.
-    CategoryAffinity(PassThrough),
+    CategoryAffinity(features::MaterializeArgs),
     /// Rebuild the approximate-nearest-neighbour index over product embeddings.
     IndexRebuild(PassThrough),
     /// Train an implicit-feedback ALS model, evaluate it against popularity, and register it.
     CfTrain(cf::TrainArgs),
-    /// Recompute features over a date range.
-    Backfill(PassThrough),
+    /// Recompute features over a date range (offline), or copy a major version into a new one.
+    Backfill(features::BackfillArgs),
     /// Check events and features: schema, freshness, completeness, volume, drift.
     DataQuality(PassThrough),
     /// Evaluate a registered model, or train and evaluate on given train and test files.
@@ -84,6 +87,9 @@ pub enum JobError {
     /// Collaborative-filtering training or evaluation failed.
     #[error(transparent)]
     Cf(#[from] cf::CfError),
+    /// A feature job failed.
+    #[error(transparent)]
+    Features(#[from] features::FeatureJobError),
 }
 
 impl JobError {
@@ -92,6 +98,7 @@ impl JobError {
         match self {
             Self::NotAvailable(_) => "NotAvailable",
             Self::Cf(e) => e.kind(),
+            Self::Features(e) => e.kind(),
         }
     }
 
@@ -100,6 +107,7 @@ impl JobError {
         let retryable = match self {
             Self::NotAvailable(_) => false,
             Self::Cf(e) => e.retryable(),
+            Self::Features(e) => e.retryable(),
         };
         if retryable {
             recsys_core::exit::RETRYABLE
@@ -107,6 +115,11 @@ impl JobError {
             recsys_core::exit::NOT_RETRYABLE
         }
     }
+}
+
+async fn materialize(c: Computation, args: &features::MaterializeArgs) -> Result<(), JobError> {
+    features::materialize(c, args).await?;
+    Ok(())
 }
 
 /// Runs one job.
@@ -118,6 +131,13 @@ pub async fn run(job: &Job) -> Result<(), JobError> {
         }
         Job::Evaluate(args) => {
             cf::evaluate(args).await?;
+            Ok(())
+        }
+        Job::Popularity(args) => materialize(Computation::Popularity, args).await,
+        Job::Freshness(args) => materialize(Computation::Freshness, args).await,
+        Job::CategoryAffinity(args) => materialize(Computation::CategoryAffinity, args).await,
+        Job::Backfill(args) => {
+            features::backfill(args).await?;
             Ok(())
         }
         other => Err(JobError::NotAvailable(other.name())),
@@ -151,18 +171,40 @@ mod tests {
 
     #[tokio::test]
     async fn operator_arguments_parse_and_unavailable_jobs_say_so() {
+        // What the operator passes (crds example BatchJobs): parameters as --key=value.
         let cli = Cli::try_parse_from([
             "recsys-trainer",
             "popularity",
-            "--window=90d",
             "--half-life=7d",
+            "--window=90d",
         ])
         .expect("parse");
         let Job::Popularity(p) = &cli.job else {
             panic!("parsed as {:?}", cli.job);
         };
-        assert_eq!(p.options, ["--window=90d", "--half-life=7d"]);
+        assert_eq!(
+            (p.window.as_deref(), p.half_life.as_deref()),
+            (Some("90d"), Some("7d"))
+        );
+        let cli = Cli::try_parse_from([
+            "recsys-trainer",
+            "backfill",
+            "--features=popularity_score,freshness_score@2",
+            "--from=2026-01-01T00:00:00Z",
+            "--to=2026-02-01T00:00:00Z",
+        ])
+        .expect("parse");
+        let Job::Backfill(b) = &cli.job else {
+            panic!("parsed as {:?}", cli.job);
+        };
+        assert_eq!(b.features, ["popularity_score", "freshness_score@2"]);
+        let cli =
+            Cli::try_parse_from(["recsys-trainer", "index-rebuild", "--model=als"]).expect("parse");
         let err = run(&cli.job).await.expect_err("not available yet");
         assert_eq!(err.exit_code(), recsys_core::exit::NOT_RETRYABLE);
+        assert!(
+            Cli::try_parse_from(["recsys-trainer", "popularity", "--no-such-option=1"]).is_err(),
+            "unknown options are refused"
+        );
     }
 }

@@ -7,13 +7,26 @@
 //! (a new major version) lives side by side with the old one until that is retired.
 
 pub mod compute;
+pub mod defaults;
 pub mod offline;
 pub mod online;
 pub mod registry;
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+/// Where the local mode (no Postgres) keeps the offline store under its data directory
+/// (`--data-dir`, default `.recsys`): the trainer writes it, the scorer reads it.
+pub fn local_offline_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("features").join("offline.json")
+}
+
+/// Where the local mode keeps the feature registry under its data directory.
+pub fn local_registry_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("features").join("registry.json")
+}
 
 /// What a feature describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
