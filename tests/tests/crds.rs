@@ -330,6 +330,23 @@ async fn crds_examples_rules_and_columns() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{rel} rejected: {e}"))?;
     }
 
+    // And every BatchJob example of the other jobs.
+    let bj_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns.name, &resource("BatchJob"));
+    let batchjobs = recsys_tests::repo_root().join("docs/examples/batchjobs");
+    for entry in std::fs::read_dir(&batchjobs)? {
+        let path = entry?.path();
+        let rel = path
+            .strip_prefix(recsys_tests::repo_root())?
+            .to_string_lossy()
+            .into_owned();
+        let mut v = recsys_tests::manifest(&rel)?;
+        v["metadata"]["namespace"] = json!(ns.name);
+        create(&bj_api, &v, true)
+            .await
+            .map_err(|e| anyhow::anyhow!("{rel} rejected: {e}"))?;
+    }
+
     // Every rule rejects its bad object, with its message and the field.
     let offline_only = {
         // "served nowhere" needs offline=false too.
