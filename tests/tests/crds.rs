@@ -307,44 +307,28 @@ async fn crds_examples_rules_and_columns() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("example {kind} rejected: {e}"))?;
     }
 
-    // So is every shipped feature definition.
-    let features = recsys_tests::repo_root().join("docs/examples/features");
-    let fd_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns.name, &resource("FeatureDefinition"));
-    for entry in std::fs::read_dir(&features)? {
-        let path = entry?.path();
-        let rel = path
-            .strip_prefix(recsys_tests::repo_root())?
-            .to_string_lossy()
-            .into_owned();
-        let mut v = recsys_tests::manifest(&rel)?;
-        v["metadata"]["namespace"] = json!(ns.name);
-        // A name of its own: the popularity example was created above already.
-        let name = format!(
-            "{}-check",
-            v["metadata"]["name"].as_str().unwrap_or("feature")
-        );
-        v["metadata"]["name"] = json!(name);
-        create(&fd_api, &v, true)
-            .await
-            .map_err(|e| anyhow::anyhow!("{rel} rejected: {e}"))?;
-    }
-
-    // And every BatchJob example of the other jobs.
-    let bj_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &ns.name, &resource("BatchJob"));
-    let batchjobs = recsys_tests::repo_root().join("docs/examples/batchjobs");
-    for entry in std::fs::read_dir(&batchjobs)? {
-        let path = entry?.path();
-        let rel = path
-            .strip_prefix(recsys_tests::repo_root())?
-            .to_string_lossy()
-            .into_owned();
-        let mut v = recsys_tests::manifest(&rel)?;
-        v["metadata"]["namespace"] = json!(ns.name);
-        create(&bj_api, &v, true)
-            .await
-            .map_err(|e| anyhow::anyhow!("{rel} rejected: {e}"))?;
+    // So is every shipped feature definition (under a name of its own: the popularity example
+    // was created above already), and every BatchJob example of the other jobs.
+    for (dir, kind, suffix) in [
+        ("docs/examples/features", "FeatureDefinition", "-check"),
+        ("docs/examples/batchjobs", "BatchJob", ""),
+    ] {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &ns.name, &resource(kind));
+        for entry in std::fs::read_dir(recsys_tests::repo_root().join(dir))? {
+            let path = entry?.path();
+            let rel = path
+                .strip_prefix(recsys_tests::repo_root())?
+                .to_string_lossy()
+                .into_owned();
+            let mut v = recsys_tests::manifest(&rel)?;
+            v["metadata"]["namespace"] = json!(ns.name);
+            let name = format!("{}{suffix}", v["metadata"]["name"].as_str().unwrap_or("x"));
+            v["metadata"]["name"] = json!(name);
+            create(&api, &v, true)
+                .await
+                .map_err(|e| anyhow::anyhow!("{rel} rejected: {e}"))?;
+        }
     }
 
     // Every rule rejects its bad object, with its message and the field.

@@ -355,6 +355,26 @@ pub struct VersionReport {
     pub computations: u64,
 }
 
+impl VersionReport {
+    fn new(feature: &RegisteredFeature, params: &Params, points: usize, values: u64) -> Self {
+        Self {
+            feature: feature.spec.name.clone(),
+            version: feature.spec.version.clone(),
+            major: feature.major,
+            window_ms: params.window_ms,
+            half_life_ms: params.half_life_ms,
+            points,
+            values,
+            offline_deleted: 0,
+            offline_written: 0,
+            online_written: None,
+            online_kept_newer: None,
+            online_expired: None,
+            computations: points as u64,
+        }
+    }
+}
+
 /// The report of a run, printed as JSON on stdout.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -622,21 +642,7 @@ pub async fn materialize(
     for p in &plans {
         let values = compute::compute(p.computation, data.inputs(at_ms), &p.params);
         let feature = p.feature.feature_ref();
-        let mut report = VersionReport {
-            feature: p.feature.spec.name.clone(),
-            version: p.feature.spec.version.clone(),
-            major: p.feature.major,
-            window_ms: p.params.window_ms,
-            half_life_ms: p.params.half_life_ms,
-            points: 1,
-            values: values.len() as u64,
-            offline_deleted: 0,
-            offline_written: 0,
-            online_written: None,
-            online_kept_newer: None,
-            online_expired: None,
-            computations: 1,
-        };
+        let mut report = VersionReport::new(&p.feature, &p.params, 1, values.len() as u64);
         if p.feature.spec.offline {
             let s = stores
                 .offline
@@ -776,21 +782,7 @@ pub async fn backfill(args: &BackfillArgs) -> Result<JobReport, FeatureJobError>
             rows.extend(rows_at(&values, t));
         }
         let feature = p.feature.feature_ref();
-        let mut report = VersionReport {
-            feature: p.feature.spec.name.clone(),
-            version: p.feature.spec.version.clone(),
-            major: p.feature.major,
-            window_ms: p.params.window_ms,
-            half_life_ms: p.params.half_life_ms,
-            points: points.len(),
-            values: rows.len() as u64,
-            offline_deleted: 0,
-            offline_written: 0,
-            online_written: None,
-            online_kept_newer: None,
-            online_expired: None,
-            computations: points.len() as u64,
-        };
+        let mut report = VersionReport::new(&p.feature, &p.params, points.len(), rows.len() as u64);
         if p.feature.spec.offline {
             let s = stores
                 .offline
@@ -878,21 +870,18 @@ async fn copy_versions(
             .copy_version(&source.feature_ref(), &target.feature_ref())
             .await?;
         info!(from = %source.feature_ref(), to = %target.feature_ref(), rows = copied, "copied");
-        versions.push(VersionReport {
-            feature: name.clone(),
-            version: target.spec.version.clone(),
-            major: target.major,
-            window_ms: 0,
-            half_life_ms: 0,
-            points: 0,
-            values: copied,
-            offline_deleted: 0,
-            offline_written: copied,
-            online_written: None,
-            online_kept_newer: None,
-            online_expired: None,
-            computations: 0,
-        });
+        let mut report = VersionReport::new(
+            &target,
+            &Params {
+                at_ms: 0,
+                window_ms: 0,
+                half_life_ms: 0,
+            },
+            0,
+            copied,
+        );
+        report.offline_written = copied;
+        versions.push(report);
     }
     let report = JobReport {
         job: "backfill".into(),

@@ -161,6 +161,15 @@ impl Fixture {
     }
 }
 
+/// Offline rows of a product feature.
+async fn rows(offline: &PostgresOfflineStore, feature: &FeatureRef) -> u64 {
+    offline
+        .stats(feature, EntityKind::Product)
+        .await
+        .expect("stats")
+        .rows
+}
+
 fn ids(kind: EntityKind, values: &[(String, FeatureValue)]) -> Vec<EntityKey> {
     values
         .iter()
@@ -294,14 +303,7 @@ async fn online_offline_and_recomputed_values_agree_and_reruns_change_nothing() 
                 .collect()
         };
     assert_eq!(values(&before), values(&after));
-    assert_eq!(
-        offline
-            .stats(&popularity, EntityKind::Product)
-            .await
-            .expect("stats")
-            .rows,
-        before.len() as u64
-    );
+    assert_eq!(rows(&offline, &popularity).await, before.len() as u64);
     assert_eq!(
         registry
             .materializations(&popularity, 10)
@@ -388,20 +390,15 @@ async fn backfills_recompute_history_idempotently_and_fill_new_major_versions() 
             }
         }
     }
-    let rows = offline
-        .stats(&popularity, EntityKind::Product)
-        .await
-        .expect("stats")
-        .rows;
+    let backfilled = rows(&offline, &popularity).await;
     let again = fx.ok(&args);
-    assert_eq!(again["versions"][0]["offlineDeleted"], rows, "{again}");
     assert_eq!(
-        offline
-            .stats(&popularity, EntityKind::Product)
-            .await
-            .expect("stats")
-            .rows,
-        rows,
+        again["versions"][0]["offlineDeleted"], backfilled,
+        "{again}"
+    );
+    assert_eq!(
+        rows(&offline, &popularity).await,
+        backfilled,
         "a rerun leaves the same rows"
     );
     assert_eq!(
@@ -466,11 +463,7 @@ async fn backfills_recompute_history_idempotently_and_fill_new_major_versions() 
     let mut v3 = defaults::spec("popularity_score").expect("spec");
     v3.version = "3.0.0".into();
     registry.register(&v3).await.expect("register v3");
-    let v1_rows = offline
-        .stats(&popularity, EntityKind::Product)
-        .await
-        .expect("stats")
-        .rows;
+    let v1_rows = rows(&offline, &popularity).await;
     let r = fx.ok(&[
         "backfill",
         "--feature",
@@ -480,11 +473,7 @@ async fn backfills_recompute_history_idempotently_and_fill_new_major_versions() 
     ]);
     assert_eq!(r["versions"][0]["offlineWritten"], v1_rows);
     assert_eq!(
-        offline
-            .stats(&FeatureRef::new("popularity_score", 3), EntityKind::Product)
-            .await
-            .expect("stats")
-            .rows,
+        rows(&offline, &FeatureRef::new("popularity_score", 3)).await,
         v1_rows
     );
 }
@@ -546,11 +535,7 @@ async fn bad_options_and_definitions_fail_with_exit_code_2_saying_why() {
     assert!(stderr.contains("--redis-url"), "{stderr}");
     let offline = PostgresOfflineStore::new(fx.pool.clone());
     assert_eq!(
-        offline
-            .stats(&FeatureRef::new("popularity_score", 1), EntityKind::Product)
-            .await
-            .expect("stats")
-            .rows,
+        rows(&offline, &FeatureRef::new("popularity_score", 1)).await,
         0
     );
     // An unreachable database is worth a retry (exit code 1).
