@@ -36,6 +36,7 @@ pub const SEMVER_PATTERN: &str =
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(name = "Freshness", type_ = "string", json_path = ".status.freshness"),
     printcolumn(
         name = "Age",
         type_ = "date",
@@ -214,6 +215,21 @@ pub struct Deprecation {
     pub reason: Option<String>,
 }
 
+/// Whether a feature's values are recent enough: `Fresh` while `lastMaterialization` is within
+/// `spec.ttl`, `Stale` after, `NeverMaterialized` before the first run, `Unknown` without a
+/// reachable feature registry.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Freshness {
+    /// The last materialization is no older than `spec.ttl`.
+    Fresh,
+    /// The last materialization is older than `spec.ttl`: readers get stale values.
+    Stale,
+    /// The registry records no materialization of this major version yet.
+    NeverMaterialized,
+    /// Not known: the operator has no feature registry configured, or cannot reach it.
+    Unknown,
+}
+
 /// Observed state of a FeatureDefinition.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -221,18 +237,26 @@ pub struct FeatureDefinitionStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Accepted (the spec is valid on its own) and Ready (lineage resolved against the other
-    /// definitions and the version recorded).
+    /// Accepted (the spec is valid on its own), Registered (the version is recorded in the
+    /// feature registry, or why not) and Ready (lineage resolved against the other definitions
+    /// and, with a registry configured, the version recorded).
     #[serde(default)]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// The version last recorded in the registry.
+    /// The version last recorded in the feature registry. Registry history outlives the
+    /// FeatureDefinition: deleting it does not remove the record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registered_version: Option<String>,
-    /// When that version was recorded.
+    /// When the registry first recorded that version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registered_at: Option<Time>,
-    /// When values were last written by the computing job.
+    /// The time described by the latest values the computing job wrote for this major
+    /// version, as recorded in the registry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_materialization: Option<Time>,
+    /// Whether the values are recent enough: `Fresh` while `lastMaterialization` is within
+    /// `spec.ttl`, `Stale` after, `NeverMaterialized` before the first run, `Unknown` without a
+    /// reachable feature registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<Freshness>,
 }

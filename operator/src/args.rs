@@ -76,6 +76,44 @@ pub struct Args {
     /// Secret (in the BatchJob's namespace) whose keys become the trainer's environment.
     #[arg(long, env = "RECSYS_TRAINER_SECRET", default_value = "recsys-secrets")]
     pub trainer_secret: Option<String>,
+
+    /// Postgres URL of the feature registry, for example `postgres://recsys@db:5432/recsys`.
+    /// Every valid FeatureDefinition version is recorded there, and its status reports the
+    /// registration and freshness. Without it definitions are validated only. The operator
+    /// connects on first use and runs the registry's migrations once.
+    #[arg(long, env = "RECSYS_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Largest number of pooled feature registry connections.
+    #[arg(
+        long,
+        env = "RECSYS_DATABASE_MAX_CONNECTIONS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u32).range(1..=100)
+    )]
+    pub database_max_connections: u32,
+
+    /// How often a registered FeatureDefinition's last materialization and freshness are
+    /// re-read from the registry (sooner when its values turn stale before then), for example
+    /// `5m` or `30s`.
+    #[arg(
+        long,
+        env = "RECSYS_REGISTRY_REFRESH_INTERVAL",
+        default_value = "5m",
+        value_parser = parse_interval
+    )]
+    pub registry_refresh_interval: std::time::Duration,
+}
+
+/// Reads a duration such as `30s` or `5m` (the CRDs' format), at least one second.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = recsys_crds::Duration::from(s)
+        .to_std()
+        .map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than one second"));
+    }
+    Ok(d)
 }
 
 fn default_identity() -> String {
@@ -104,5 +142,33 @@ mod tests {
         .expect("parse");
         assert!(a.leader_elect);
         assert_eq!(a.metrics_bind_address.port(), 9090);
+        assert_eq!(a.registry_refresh_interval.as_secs(), 300);
+    }
+
+    #[test]
+    fn registry_options_parse_and_bad_intervals_say_why() {
+        let a = Args::try_parse_from([
+            "recsys-operator",
+            "--database-url=postgres://recsys:secret@db:5432/recsys",
+            "--registry-refresh-interval=1m30s",
+        ])
+        .expect("parse");
+        assert_eq!(
+            a.database_url.as_deref(),
+            Some("postgres://recsys:secret@db:5432/recsys")
+        );
+        assert_eq!(a.registry_refresh_interval.as_secs(), 90);
+        for (bad, why) in [("5", "expected"), ("500ms", "shorter than one second")] {
+            let err = Args::try_parse_from([
+                "recsys-operator",
+                &format!("--registry-refresh-interval={bad}"),
+            ])
+            .expect_err("must refuse")
+            .to_string();
+            assert!(
+                err.contains("--registry-refresh-interval") && err.contains(why),
+                "{err}"
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! The recsys operator: kube-runtime controllers for `ModelDeployment`, `BatchJob` and
-//! `FeatureDefinition`, a probe and metrics server, and leader election through a Lease.
+//! `FeatureDefinition`, a probe and metrics server, leader election through a Lease, and the
+//! feature registry (Postgres, optional) in which FeatureDefinitions are recorded.
 //!
 //! Each controller is a pipeline: read → validate (pure) → compute status (pure) → apply
 //! status with server-side apply → publish Events for transitions. Only the first and the last
@@ -9,6 +10,7 @@ pub mod args;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
+pub mod registry;
 pub mod server;
 
 use std::sync::Arc;
@@ -36,6 +38,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         trainer_service_account,
         trainer_config_map,
         trainer_secret,
+        database_url,
+        database_max_connections,
+        registry_refresh_interval,
     } = args;
     let trainer = controller::batch_job::TrainerSettings {
         image: trainer_image,
@@ -60,6 +65,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     controller::check_crds_installed(&client).await?;
     health.set_ready(true);
 
+    let registry = match database_url {
+        Some(url) => {
+            let client = registry::RegistryClient::postgres(
+                recsys_core::stores::PostgresArgs {
+                    url,
+                    max_connections: database_max_connections,
+                },
+                metrics.clone(),
+            );
+            info!(registry = %client.description(), "FeatureDefinitions are recorded in the feature registry (connected on first use)");
+            Some(Arc::new(client))
+        }
+        None => {
+            info!(
+                "no --database-url: FeatureDefinitions are validated but not recorded in a feature registry"
+            );
+            None
+        }
+    };
+    let features = controller::feature_definition::RegistrySettings {
+        client: registry,
+        refresh: registry_refresh_interval,
+    };
+
     let scope = controller::Scope::new(watch_namespace);
     let work = async {
         if leader_elect {
@@ -81,6 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         client.clone(),
                         scope.clone(),
                         trainer.clone(),
+                        features.clone(),
                         metrics.clone(),
                         stop,
                     )
@@ -93,6 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 client.clone(),
                 scope.clone(),
                 trainer.clone(),
+                features.clone(),
                 metrics.clone(),
                 shutdown_rx.clone(),
             )

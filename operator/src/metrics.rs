@@ -27,6 +27,15 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
+/// Labels of feature registry operations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    /// `connect`, `register` or `last_materialization`.
+    pub operation: &'static str,
+    /// `ok`, or the error's stable kind.
+    pub outcome: &'static str,
+}
+
 /// All operator metrics and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
@@ -38,6 +47,8 @@ pub struct Metrics {
     pub duration: Family<ControllerLabels, Histogram>,
     /// 1 while this replica holds the leader Lease (or runs without election).
     pub leader: Gauge<i64, AtomicI64>,
+    /// Feature registry operations, by operation and outcome.
+    pub registry_operations: Family<RegistryLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -49,6 +60,7 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.001, 2.0, 14))
         });
         let leader = Gauge::<i64, AtomicI64>::default();
+        let registry_operations = Family::<RegistryLabels, Counter>::default();
         registry.register("reconciles", "Reconciliations started", reconciles.clone());
         registry.register(
             "reconcile_failures",
@@ -65,12 +77,18 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        registry.register(
+            "registry_operations",
+            "Feature registry operations, by operation and outcome (ok or the error kind)",
+            registry_operations.clone(),
+        );
         Self {
             registry,
             reconciles,
             failures,
             duration,
             leader,
+            registry_operations,
         }
     }
 }
@@ -91,6 +109,13 @@ impl Metrics {
     pub fn failure(&self, controller: &'static str, error: &'static str) {
         self.failures
             .get_or_create(&ErrorLabels { controller, error })
+            .inc();
+    }
+
+    /// Counts a feature registry operation; `outcome` is `ok` or the error's kind.
+    pub fn registry(&self, operation: &'static str, outcome: &'static str) {
+        self.registry_operations
+            .get_or_create(&RegistryLabels { operation, outcome })
             .inc();
     }
 
@@ -127,6 +152,8 @@ mod tests {
         }
         m.failure("batchjob", "KubeApi");
         m.leader.set(1);
+        m.registry("register", "ok");
+        m.registry("register", "RegistryUnavailable");
         let text = m.encode().expect("encode");
         assert!(
             text.contains("recsys_operator_reconciles_total{controller=\"batchjob\"} 1"),
@@ -140,5 +167,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("recsys_operator_leader 1"), "{text}");
+        assert!(
+            text.contains("recsys_operator_registry_operations_total{operation=\"register\",outcome=\"RegistryUnavailable\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! The operator as a local process against the real test cluster: conditions and
 //! observedGeneration on each kind, recovery after a crash, BatchJob children and runs that
-//! complete on a kwok node, lineage and deletion protection, and leader election.
+//! complete on a kwok node, lineage and deletion protection, leader election, and
+//! FeatureDefinitions recorded in the feature registry of the real Postgres (registration,
+//! materializations and freshness in status, refusals, an unreachable database).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -8,10 +10,16 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, Resource, ResourceExt};
+use recsys_core::features::FeatureRef;
+use recsys_core::features::registry::{
+    FeatureRegistry, Lifecycle, PostgresFeatureRegistry, VersionSelector,
+};
 use recsys_crds::common::find_condition;
-use recsys_crds::{BatchJob, FeatureDefinition, ModelDeployment};
+use recsys_crds::feature_definition::Freshness;
+use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDeployment};
 use recsys_tests::{TestEnv, TestNamespace, example, install_crds, wait_for};
 use serde_json::json;
 
@@ -36,6 +44,8 @@ impl Operator {
         let log = std::fs::File::create(log_dir.join(format!("{ns}-{m}.log")))?;
         let child = Command::new(env!("CARGO_BIN_EXE_recsys-operator"))
             .env("KUBECONFIG", env.var("KUBECONFIG")?)
+            // The registry is opted into per test, with --database-url.
+            .env_remove("RECSYS_DATABASE_URL")
             .env("RUST_LOG", "info,kube=warn")
             .args([
                 &format!("--watch-namespace={ns}"),
@@ -188,7 +198,16 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     apply(&bjs, "popularity", &bj_body).await?;
     apply(&mds, "als", &example("modeldeployment", &ns.name)?).await?;
 
-    wait_conditions(&fds, "popularity-score-v1", "True", "True", "Resolved").await?;
+    let fd = wait_conditions(&fds, "popularity-score-v1", "True", "True", "Resolved").await?;
+    // Without --database-url nothing is recorded, and the status says so.
+    let fd_status = fd.status.unwrap_or_default();
+    let registered = find_condition(&fd_status.conditions, "Registered");
+    assert_eq!(
+        registered.map(|c| (c.status.as_str(), c.reason.as_str())),
+        Some(("False", "RegistryNotConfigured")),
+        "{fd_status:?}"
+    );
+    assert_eq!(fd_status.registered_version, None);
     let bj = wait_conditions(&bjs, "popularity", "True", "True", "Scheduled").await?;
     let md = wait_conditions(&mds, "als", "True", "False", "RolloutNotImplemented").await?;
     assert_eq!(
@@ -436,5 +455,306 @@ async fn one_leader_acts_and_a_standby_takes_over() -> anyhow::Result<()> {
     apply(&fds, "popularity-score-v1", &body).await?;
     let fd = wait_conditions(&fds, "popularity-score-v1", "True", "True", "Resolved").await?;
     assert_eq!(fd.meta().generation, Some(2));
+    Ok(())
+}
+
+// --- The feature registry ----------------------------------------------------------------
+
+/// A feature name unique to this test run: the registry is global by feature name, and the
+/// test database outlives the namespaces.
+fn unique_feature(prefix: &str, ns: &str) -> String {
+    format!("{prefix}_{}", ns.replace('-', "_"))
+}
+
+fn registry_feature(ns: &str, k8s: &str, name: &str, ttl: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "recsys.io/v1alpha1", "kind": "FeatureDefinition",
+        "metadata": { "name": k8s, "namespace": ns },
+        "spec": {
+            "name": name, "entity": "product", "version": "1.0.0", "valueType": "float",
+            "description": "registry test feature", "owner": "tests", "ttl": ttl,
+            "tags": ["test"],
+            "computation": { "job": "popularity", "logic": "test", "window": "90d" },
+            "lineage": { "tables": ["events"] }
+        }
+    })
+}
+
+async fn test_registry(env: &TestEnv) -> anyhow::Result<PostgresFeatureRegistry> {
+    let pool = recsys_core::stores::postgres(&recsys_core::stores::PostgresArgs {
+        url: env.var("RECSYS_TEST_DATABASE_URL")?.to_owned(),
+        max_connections: 2,
+    })
+    .await?;
+    Ok(PostgresFeatureRegistry::new(pool))
+}
+
+fn whole_seconds(ms: i64) -> anyhow::Result<Time> {
+    Ok(Time(k8s_openapi::jiff::Timestamp::from_second(
+        ms.div_euclid(1000),
+    )?))
+}
+
+fn now_ms() -> i64 {
+    k8s_openapi::jiff::Timestamp::now().as_millisecond()
+}
+
+/// Waits until the status satisfies `check`; returns the object.
+async fn wait_status(
+    api: &Api<FeatureDefinition>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&FeatureDefinitionStatus) -> bool,
+) -> anyhow::Result<FeatureDefinition> {
+    wait_for(WAIT, &format!("{name}: {what}"), || async {
+        let fd = api.get(name).await?;
+        Ok(fd.status.as_ref().is_some_and(&check))
+    })
+    .await?;
+    Ok(api.get(name).await?)
+}
+
+fn condition_of<'a>(s: &'a FeatureDefinitionStatus, type_: &str) -> Option<(&'a str, &'a str)> {
+    find_condition(&s.conditions, type_).map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+#[tokio::test]
+async fn feature_definitions_are_recorded_in_the_registry_with_freshness() -> anyhow::Result<()> {
+    let (env, client, ns) = setup("reg").await?;
+    let db = env.var("RECSYS_TEST_DATABASE_URL")?.to_owned();
+    let op = Operator::start(
+        &env,
+        &ns.name,
+        &[
+            &format!("--database-url={db}"),
+            "--registry-refresh-interval=1s",
+        ],
+    )
+    .await?;
+    let fds: Api<FeatureDefinition> = Api::namespaced(client.clone(), &ns.name);
+    let registry = test_registry(&env).await?;
+    let name = unique_feature("pop", &ns.name);
+    let successor = unique_feature("pop_next", &ns.name);
+    let mut body = registry_feature(&ns.name, "pop", &name, "1h");
+    apply(&fds, "pop", &body).await?;
+
+    // Recorded: the version, when, and no materialization yet.
+    let fd = wait_status(&fds, "pop", "registered, never materialized", |s| {
+        s.registered_version.as_deref() == Some("1.0.0")
+            && s.freshness == Some(Freshness::NeverMaterialized)
+    })
+    .await?;
+    let status = fd.status.unwrap_or_default();
+    assert_eq!(
+        condition_of(&status, "Ready"),
+        Some(("True", "Resolved")),
+        "{status:?}"
+    );
+    assert_eq!(
+        condition_of(&status, "Registered"),
+        Some(("True", "Registered")),
+        "{status:?}"
+    );
+    assert_eq!(status.last_materialization, None);
+
+    // The row, through the registry's own reader.
+    let row = registry
+        .get(&name, &VersionSelector::Exact("1.0.0".into()))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{name} 1.0.0 is not in the registry"))?;
+    assert_eq!(row.spec.description, "registry test feature");
+    assert_eq!(row.spec.ttl, "1h");
+    assert_eq!(row.spec.computation.window.as_deref(), Some("90d"));
+    assert_eq!(row.lifecycle(), Lifecycle::Active);
+    assert_eq!(
+        status.registered_at,
+        Some(whole_seconds(row.registered_at_ms)?)
+    );
+
+    // A trainer job records an old run: stale against the 1h TTL.
+    let feature = FeatureRef::new(name.clone(), 1);
+    let old = now_ms() - 2 * 3_600_000;
+    registry.record_materialization(&feature, old, 10).await?;
+    let want = whole_seconds(old)?;
+    wait_status(&fds, "pop", "stale after an old run", |s| {
+        s.freshness == Some(Freshness::Stale) && s.last_materialization.as_ref() == Some(&want)
+    })
+    .await?;
+    // A fresh run.
+    let recent = now_ms();
+    registry
+        .record_materialization(&feature, recent, 20)
+        .await?;
+    let want = whole_seconds(recent)?;
+    wait_status(&fds, "pop", "fresh after a new run", |s| {
+        s.freshness == Some(Freshness::Fresh) && s.last_materialization.as_ref() == Some(&want)
+    })
+    .await?;
+    let ok = op
+        .metric("recsys_operator_registry_operations_total{operation=\"register\",outcome=\"ok\"}")
+        .await?;
+    assert!(ok.is_some_and(|n| n >= 1.0), "{ok:?}");
+
+    // A different spec under the registered version: refused, with the registry's message,
+    // and a Warning Event; the registry keeps the first spec.
+    body["spec"]["description"] = json!("changed without a new version");
+    apply(&fds, "pop", &body).await?;
+    let fd = wait_conditions(&fds, "pop", "True", "False", "RegistryRefused").await?;
+    let status = fd.status.unwrap_or_default();
+    let ready = find_condition(&status.conditions, "Ready").map(|c| c.message.clone());
+    assert!(
+        ready
+            .as_deref()
+            .is_some_and(|m| m.contains("already registered with a different spec")
+                && m.contains("description")),
+        "{ready:?}"
+    );
+    assert_eq!(
+        condition_of(&status, "Registered"),
+        Some(("False", "FeatureVersionConflict"))
+    );
+    assert_eq!(status.registered_version.as_deref(), Some("1.0.0"));
+    wait_for(WAIT, "RegistryRefused warning", || async {
+        Ok(events(&client, &ns.name, "pop")
+            .await?
+            .contains(&("Warning".into(), "RegistryRefused".into())))
+    })
+    .await?;
+    let row = registry
+        .get(&name, &VersionSelector::Exact("1.0.0".into()))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("row gone"))?;
+    assert_eq!(row.spec.description, "registry test feature");
+
+    // Back to the registered spec, now deprecated in favour of a successor: the deprecation
+    // reaches the registry.
+    apply(
+        &fds,
+        "pop-next",
+        &registry_feature(&ns.name, "pop-next", &successor, "1h"),
+    )
+    .await?;
+    wait_conditions(&fds, "pop-next", "True", "True", "Resolved").await?;
+    body["spec"]["description"] = json!("registry test feature");
+    body["spec"]["deprecation"] = json!({ "replacedBy": successor, "reason": "superseded" });
+    apply(&fds, "pop", &body).await?;
+    wait_conditions(&fds, "pop", "True", "True", "Deprecated").await?;
+    let row = registry
+        .get(&name, &VersionSelector::Exact("1.0.0".into()))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("row gone"))?;
+    assert_eq!(row.lifecycle(), Lifecycle::Deprecated);
+    assert_eq!(row.replaced_by.as_deref(), Some(successor.as_str()));
+
+    // Deleting the definition keeps the registry's history.
+    fds.delete("pop", &DeleteParams::default()).await?;
+    wait_for(WAIT, "pop deleted", || async {
+        Ok(fds.get_opt("pop").await?.is_none())
+    })
+    .await?;
+    assert!(
+        registry
+            .get(&name, &VersionSelector::Exact("1.0.0".into()))
+            .await?
+            .is_some()
+    );
+    assert_eq!(registry.materializations(&feature, 10).await?.len(), 2);
+    Ok(())
+}
+
+/// Forwards every connection on `listener` to `target` until the test ends.
+fn forward(listener: tokio::net::TcpListener, target: String) {
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn an_unreachable_registry_degrades_features_only_and_recovers() -> anyhow::Result<()> {
+    let (env, client, ns) = setup("regdown").await?;
+    // The operator's database URL points at a port nothing listens on yet; later a proxy to
+    // the real Postgres opens there.
+    let db = env.var("RECSYS_TEST_DATABASE_URL")?.to_owned();
+    let (before, rest) = db
+        .rsplit_once('@')
+        .ok_or_else(|| anyhow::anyhow!("no @ in {db}"))?;
+    let (target, path) = rest
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("no database in {db}"))?;
+    let port = free_port()?;
+    let proxied = format!("{before}@127.0.0.1:{port}/{path}");
+    let op = Operator::start(
+        &env,
+        &ns.name,
+        &[
+            &format!("--database-url={proxied}"),
+            "--registry-refresh-interval=1s",
+        ],
+    )
+    .await?;
+    let fds: Api<FeatureDefinition> = Api::namespaced(client.clone(), &ns.name);
+    let bjs: Api<BatchJob> = Api::namespaced(client.clone(), &ns.name);
+    let name = unique_feature("down", &ns.name);
+    apply(
+        &fds,
+        "down",
+        &registry_feature(&ns.name, "down", &name, "1h"),
+    )
+    .await?;
+    apply(&bjs, "popularity", &example("batchjob", &ns.name)?).await?;
+
+    // The feature is not ready and says why; the BatchJob is unaffected.
+    let fd = wait_conditions(&fds, "down", "True", "False", "RegistryUnavailable").await?;
+    let status = fd.status.unwrap_or_default();
+    let message = find_condition(&status.conditions, "Ready").map(|c| c.message.clone());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("cannot connect") && !m.contains(":recsys@")),
+        "the message says what failed, without the password: {message:?}"
+    );
+    assert_eq!(status.freshness, Some(Freshness::Unknown));
+    wait_conditions(&bjs, "popularity", "True", "True", "Scheduled").await?;
+    let failed = op
+        .metric("recsys_operator_registry_operations_total{operation=\"connect\",outcome=\"RegistryConnect\"}")
+        .await?;
+    assert!(failed.is_some_and(|n| n >= 1.0), "{failed:?}");
+    wait_for(WAIT, "RegistryUnavailable warning", || async {
+        Ok(events(&client, &ns.name, "down")
+            .await?
+            .contains(&("Warning".into(), "RegistryUnavailable".into())))
+    })
+    .await?;
+
+    // The database comes back: the feature is recorded after the backoff, without a restart.
+    forward(
+        tokio::net::TcpListener::bind(("127.0.0.1", port)).await?,
+        target.to_owned(),
+    );
+    wait_for(
+        Duration::from_secs(90),
+        "registered after recovery",
+        || async {
+            let fd = fds.get("down").await?;
+            let s = fd.status.unwrap_or_default();
+            Ok(s.registered_version.as_deref() == Some("1.0.0")
+                && condition_of(&s, "Ready") == Some(("True", "Resolved")))
+        },
+    )
+    .await?;
+    assert!(
+        test_registry(&env)
+            .await?
+            .get(&name, &VersionSelector::Latest)
+            .await?
+            .is_some()
+    );
     Ok(())
 }

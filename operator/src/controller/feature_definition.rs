@@ -1,26 +1,88 @@
 //! FeatureDefinition controller: validates a definition against the others in its namespace
 //! (lineage resolves, no cycles, breaking changes bump the major version, deprecations name an
-//! existing successor) and protects features that others still read from deletion.
+//! existing successor), records each valid version in the feature registry, reports the
+//! registration and the freshness of the values in status, and protects features that others
+//! still read from deletion.
+//!
+//! The pipeline: [`assess`] (pure) → [`record`] (the registry, when `--database-url` is set
+//! and the definition is valid with its lineage resolved) → [`with_registry`] and
+//! [`desired_status`] (pure) → server-side apply of the status → [`next_action`] (pure).
+//!
+//! Registry outcomes:
+//! - **Recorded** (or already recorded with the same spec): `Registered=True`;
+//!   `registeredVersion`, `registeredAt`, `lastMaterialization` (the registry's latest run of
+//!   the major version, recorded by the trainer jobs) and `freshness` (against `spec.ttl`) are
+//!   refreshed every `--registry-refresh-interval`, and when the values are due to turn stale.
+//! - **Refused** (a different spec under a registered version, a breaking change within a
+//!   major version, a retired major): `Ready=False` reason `RegistryRefused` with the
+//!   registry's message, `Registered=False` with the registry's error kind, a Warning Event on
+//!   the transition, and only the slow periodic resync: the spec has to change. A spec the
+//!   registry finds invalid is rejected like any invalid spec (`Accepted=False`).
+//! - **Unavailable** (Postgres down, a failed migration): `Ready=False` reason
+//!   `RegistryUnavailable`, `freshness: Unknown`, retried with a per-object exponential
+//!   backoff; other definitions and the other kinds keep reconciling.
+//! - **Not configured**: the definition is validated only; `Ready` says what validation found
+//!   and `Registered=False` reason `RegistryNotConfigured` says that nothing is recorded.
+//!
+//! A deprecation block in the spec is passed to the registry, which deprecates the version
+//! (lifecycle, not content, so a registered version may gain one). Deleting a
+//! FeatureDefinition does **not** delete or retire anything in the registry: the registry is
+//! the history of every version that was served, which consumers and old training sets may
+//! still refer to, and one feature name may be declared in several namespaces or clusters.
+//! Retiring is an explicit registry operation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Api, Resource, ResourceExt};
-use recsys_crds::common::ConditionStatus;
-use recsys_crds::feature_definition::FeatureDefinitionSpec;
+use recsys_core::features::FeatureRef;
+use recsys_core::features::registry::{FeatureSpec, Materialization, Registered, RegistryError};
+use recsys_crds::common::{self, ConditionStatus};
+use recsys_crds::feature_definition::{FeatureDefinitionSpec, Freshness};
 use recsys_crds::{FeatureDefinition, FeatureDefinitionStatus};
-use tracing::instrument;
+use tracing::{info, instrument, warn};
 
-use super::{Assessment, Context, Error, Problem, find_cycle, stamped, write_status};
+use super::{Assessment, Context, Error, Problem, RESYNC, find_cycle, stamped, write_status};
+use crate::metrics::Metrics;
+use crate::registry::{AccessError, BACKOFF_BASE, RegistryClient};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "featuredefinition";
 /// Finalizer that keeps a feature while other features' lineage still reads it.
 pub const FINALIZER: &str = "featuredefinitions.recsys.io/in-use-protection";
+/// Condition type: the version is recorded in the feature registry (or why it is not).
+pub const REGISTERED: &str = "Registered";
+/// Ready reason: the registry refused the version.
+pub const REGISTRY_REFUSED: &str = "RegistryRefused";
+/// Ready and Registered reason: the registry cannot be reached or failed.
+pub const REGISTRY_UNAVAILABLE: &str = "RegistryUnavailable";
+/// Registered reason: the operator runs without a registry.
+pub const REGISTRY_NOT_CONFIGURED: &str = "RegistryNotConfigured";
+/// Shortest re-check of freshness derived from a (very short) TTL.
+const MIN_TTL_RECHECK: Duration = Duration::from_secs(10);
+/// Longest a reconcile waits for the registry (connection, registration and reads), so that a
+/// hung database cannot hold a reconcile forever.
+const REGISTRY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where FeatureDefinitions are recorded, and how often their status is refreshed.
+#[derive(Clone)]
+pub struct RegistrySettings {
+    /// The registry; without one, definitions are validated only.
+    pub client: Option<Arc<RegistryClient>>,
+    /// How often a registered definition's last materialization and freshness are re-read.
+    pub refresh: Duration,
+}
+
+/// Whether a Ready reason is a registry problem that needs attention (a Warning Event).
+pub fn is_registry_problem(reason: &str) -> bool {
+    reason == REGISTRY_REFUSED || reason == REGISTRY_UNAVAILABLE
+}
 
 /// Checks of the spec alone, beyond what the schema and CEL rules enforce.
 pub fn validate(spec: &FeatureDefinitionSpec) -> Vec<Problem> {
@@ -210,13 +272,323 @@ pub fn dependents(
     out
 }
 
-/// The status for `assessment`, keeping what the previous status knew.
+/// The registry's form of a spec: the CRD spec's JSON read as a [`FeatureSpec`] (the two
+/// share their field names and spellings).
+pub fn registry_spec(spec: &FeatureDefinitionSpec) -> Result<FeatureSpec, serde_json::Error> {
+    serde_json::from_value(serde_json::to_value(spec)?)
+}
+
+/// What the feature registry made of one definition.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RegistryOutcome {
+    /// The operator runs without a registry.
+    NotConfigured,
+    /// Not recorded: the definition is invalid or its lineage does not resolve yet.
+    NotAttempted,
+    /// Recorded now, or before with the same spec.
+    Registered {
+        /// The version and when it was first recorded.
+        registered: Registered,
+        /// The latest materialization run of its major version.
+        last_materialization: Option<Materialization>,
+    },
+    /// The registry finds the spec invalid.
+    Rejected {
+        /// The registry's message.
+        message: String,
+    },
+    /// The registry refused the version; only a spec change can help.
+    Refused {
+        /// The registry's error kind, for example `FeatureVersionConflict`.
+        kind: &'static str,
+        /// The registry's message.
+        message: String,
+    },
+    /// The registry cannot be reached or failed; retried with backoff.
+    Unavailable {
+        /// The error's kind, for example `RegistryConnect`.
+        kind: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+fn outcome_label<T>(result: &Result<T, RegistryError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) => e.kind(),
+    }
+}
+
+/// Records `spec` in the registry and reads the last materialization of its major version.
+/// Never fails: every error becomes an outcome (and is logged here, once).
+pub async fn record(
+    client: &RegistryClient,
+    metrics: &Metrics,
+    spec: &FeatureDefinitionSpec,
+) -> RegistryOutcome {
+    let spec = match registry_spec(spec) {
+        Ok(spec) => spec,
+        Err(e) => {
+            return RegistryOutcome::Rejected {
+                message: format!("the spec does not convert into the registry's form: {e}"),
+            };
+        }
+    };
+    let work = async {
+        let registry = client.get().await?;
+        let registered = registry.register(&spec).await;
+        metrics.registry("register", outcome_label(&registered));
+        let registered = registered?;
+        let feature = FeatureRef::new(spec.name.clone(), registered.major);
+        let last = registry.last_materialization(&feature).await;
+        metrics.registry("last_materialization", outcome_label(&last));
+        Ok::<_, AccessError>((registered, last?))
+    };
+    let result = tokio::time::timeout(REGISTRY_TIMEOUT, work)
+        .await
+        .unwrap_or(Err(AccessError::Timeout(REGISTRY_TIMEOUT)));
+    match result {
+        Ok((registered, last_materialization)) => RegistryOutcome::Registered {
+            registered,
+            last_materialization,
+        },
+        Err(e) => classify(&spec, &e),
+    }
+}
+
+/// Sorts a registry error into a refusal of the spec or an unavailable registry.
+fn classify(spec: &FeatureSpec, e: &AccessError) -> RegistryOutcome {
+    let log_refusal = || {
+        info!(
+            feature = %spec.name,
+            version = %spec.version,
+            kind = e.kind(),
+            error = e as &dyn std::error::Error,
+            "the feature registry refused the version"
+        );
+    };
+    match e {
+        AccessError::Registry(RegistryError::InvalidSpec { .. }) => {
+            log_refusal();
+            RegistryOutcome::Rejected {
+                message: e.to_string(),
+            }
+        }
+        AccessError::Registry(
+            RegistryError::VersionConflict { .. }
+            | RegistryError::BreakingChange { .. }
+            | RegistryError::Retired { .. }
+            | RegistryError::NotFound { .. }
+            | RegistryError::NotDeprecated { .. }
+            | RegistryError::InvalidArgument(_),
+        ) => {
+            log_refusal();
+            RegistryOutcome::Refused {
+                kind: e.kind(),
+                message: e.to_string(),
+            }
+        }
+        _ => {
+            warn!(
+                feature = %spec.name,
+                version = %spec.version,
+                kind = e.kind(),
+                error = e as &dyn std::error::Error,
+                "feature registry unavailable"
+            );
+            RegistryOutcome::Unavailable {
+                kind: e.kind(),
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+/// The assessment after the registry: a refusal or an unavailable registry makes the
+/// definition not ready, a spec the registry finds invalid is rejected.
+pub fn with_registry(assessment: Assessment, outcome: &RegistryOutcome) -> Assessment {
+    match outcome {
+        RegistryOutcome::NotConfigured | RegistryOutcome::NotAttempted => assessment,
+        RegistryOutcome::Registered { .. } => Assessment {
+            ready_message: format!(
+                "{}; recorded in the feature registry",
+                assessment.ready_message
+            ),
+            ..assessment
+        },
+        RegistryOutcome::Rejected { message } => {
+            Assessment::invalid(vec![Problem::new("spec", message.clone())])
+        }
+        RegistryOutcome::Refused { message, .. } => {
+            Assessment::accepted(ConditionStatus::False, REGISTRY_REFUSED, message.clone())
+        }
+        RegistryOutcome::Unavailable { message, .. } => Assessment::accepted(
+            ConditionStatus::False,
+            REGISTRY_UNAVAILABLE,
+            format!("the feature registry is unavailable, retrying with backoff: {message}"),
+        ),
+    }
+}
+
+/// The `Registered` condition's status, reason and message for `outcome`.
+pub fn registered_condition(
+    spec: &FeatureDefinitionSpec,
+    outcome: &RegistryOutcome,
+) -> (ConditionStatus, &'static str, String) {
+    match outcome {
+        RegistryOutcome::NotConfigured => (
+            ConditionStatus::False,
+            REGISTRY_NOT_CONFIGURED,
+            "no feature registry is configured: the operator records versions when started with --database-url (RECSYS_DATABASE_URL)".into(),
+        ),
+        RegistryOutcome::NotAttempted => (
+            ConditionStatus::Unknown,
+            "NotAttempted",
+            "the version is recorded once the definition is valid and its lineage resolves (see Ready)".into(),
+        ),
+        RegistryOutcome::Registered { registered, .. } => (
+            ConditionStatus::True,
+            "Registered",
+            format!(
+                "{} {} is recorded in the feature registry (values stored under major version {})",
+                spec.name, registered.version, registered.major
+            ),
+        ),
+        RegistryOutcome::Rejected { message } => (
+            ConditionStatus::False,
+            "FeatureSpecInvalid",
+            message.clone(),
+        ),
+        RegistryOutcome::Refused { kind, message } => {
+            (ConditionStatus::False, kind, message.clone())
+        }
+        RegistryOutcome::Unavailable { message, .. } => (
+            ConditionStatus::Unknown,
+            REGISTRY_UNAVAILABLE,
+            message.clone(),
+        ),
+    }
+}
+
+/// Freshness of values last materialized at `last_at_ms` (ms since the epoch), judged at
+/// `now` against `ttl`: fresh while no older than the TTL.
+pub fn freshness(last_at_ms: Option<i64>, ttl: Duration, now: Timestamp) -> Freshness {
+    let Some(at) = last_at_ms else {
+        return Freshness::NeverMaterialized;
+    };
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    if now.as_millisecond().saturating_sub(at) <= ttl_ms {
+        Freshness::Fresh
+    } else {
+        Freshness::Stale
+    }
+}
+
+/// A registry time (ms since the epoch) as a status time; status times have whole seconds.
+fn status_time(ms: i64) -> Option<Time> {
+    Timestamp::from_second(ms.div_euclid(1000)).ok().map(Time)
+}
+
+/// The status for `assessment` and `outcome`, keeping what the previous status knew when the
+/// registry did not answer.
 pub fn desired_status(
     fd: &FeatureDefinition,
     assessment: &Assessment,
+    outcome: &RegistryOutcome,
     now: Timestamp,
 ) -> FeatureDefinitionStatus {
-    stamped(fd.status.as_ref(), assessment, fd.metadata.generation, now)
+    let generation = fd.metadata.generation;
+    let mut status = stamped(fd.status.as_ref(), assessment, generation, now);
+    let (registered, reason, message) = registered_condition(&fd.spec, outcome);
+    common::set_condition(
+        &mut status.conditions,
+        common::condition(REGISTERED, registered, reason, message, generation, now),
+    );
+    match outcome {
+        RegistryOutcome::Registered {
+            registered,
+            last_materialization,
+        } => {
+            let last = last_materialization.as_ref().map(|m| m.at_ms);
+            status.registered_version = Some(registered.version.clone());
+            status.registered_at = status_time(registered.registered_at_ms);
+            status.last_materialization = last.and_then(status_time);
+            status.freshness = Some(match fd.spec.ttl.to_std() {
+                Ok(ttl) => freshness(last, ttl, now),
+                Err(_) => Freshness::Unknown,
+            });
+        }
+        RegistryOutcome::NotConfigured | RegistryOutcome::Unavailable { .. } => {
+            status.freshness = Some(Freshness::Unknown);
+        }
+        RegistryOutcome::NotAttempted
+        | RegistryOutcome::Rejected { .. }
+        | RegistryOutcome::Refused { .. } => {}
+    }
+    status
+}
+
+/// When to look again at a registered definition: every `refresh`, and just after its values
+/// turn stale when that comes first.
+pub fn refresh_after(
+    last_at_ms: Option<i64>,
+    ttl: Duration,
+    refresh: Duration,
+    now: Timestamp,
+) -> Duration {
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let now_ms = now.as_millisecond();
+    let until_stale = last_at_ms
+        .map(|at| at.saturating_add(ttl_ms))
+        .filter(|stale_at| *stale_at >= now_ms)
+        .map(|stale_at| {
+            Duration::from_millis(u64::try_from(stale_at - now_ms).unwrap_or(u64::MAX))
+                .saturating_add(Duration::from_secs(1))
+        });
+    match until_stale {
+        Some(d) => refresh.min(d),
+        None => refresh.min(ttl.max(MIN_TTL_RECHECK)),
+    }
+}
+
+/// What the controller does next: wait for a change of an invalid spec, back off while the
+/// registry is unavailable (`retry`), resync slowly after a refusal, refresh a registered
+/// definition's freshness ([`refresh_after`]), or what the assessment says.
+pub fn next_action(
+    spec: &FeatureDefinitionSpec,
+    assessment: &Assessment,
+    outcome: &RegistryOutcome,
+    retry: Option<Duration>,
+    refresh: Duration,
+    now: Timestamp,
+) -> Action {
+    if !assessment.is_accepted() {
+        return Action::await_change();
+    }
+    match outcome {
+        RegistryOutcome::Unavailable { .. } => Action::requeue(retry.unwrap_or(BACKOFF_BASE)),
+        RegistryOutcome::Refused { .. } => Action::requeue(RESYNC),
+        RegistryOutcome::Registered {
+            last_materialization,
+            ..
+        } => Action::requeue(match spec.ttl.to_std() {
+            Ok(ttl) => refresh_after(
+                last_materialization.as_ref().map(|m| m.at_ms),
+                ttl,
+                refresh,
+                now,
+            ),
+            Err(_) => refresh,
+        }),
+        RegistryOutcome::NotConfigured
+        | RegistryOutcome::NotAttempted
+        | RegistryOutcome::Rejected { .. } => assessment.next_action(),
+    }
+}
+
+fn object_key(fd: &FeatureDefinition) -> String {
+    format!("{}/{}", fd.namespace().unwrap_or_default(), fd.name_any())
 }
 
 /// Reconciles one FeatureDefinition.
@@ -238,10 +610,33 @@ pub async fn reconcile(fd: Arc<FeatureDefinition>, ctx: Arc<Context>) -> Result<
 }
 
 async fn apply(fd: &FeatureDefinition, ctx: &Context) -> Result<Action, Error> {
-    let assessment = assess(fd, &ctx.features.state());
-    let status = desired_status(fd, &assessment, Timestamp::now());
+    let lineage = assess(fd, &ctx.features.state());
+    let outcome = match &ctx.registry.client {
+        None => RegistryOutcome::NotConfigured,
+        Some(_) if lineage.ready != ConditionStatus::True => RegistryOutcome::NotAttempted,
+        Some(client) => record(client, &ctx.metrics, &fd.spec).await,
+    };
+    let retry = ctx.registry.client.as_ref().and_then(|client| {
+        let key = object_key(fd);
+        if matches!(outcome, RegistryOutcome::Unavailable { .. }) {
+            Some(client.backoff(&key))
+        } else {
+            client.reset(&key);
+            None
+        }
+    });
+    let now = Timestamp::now();
+    let assessment = with_registry(lineage, &outcome);
+    let status = desired_status(fd, &assessment, &outcome, now);
     write_status(ctx, fd, &fd.status.clone().unwrap_or_default(), &status).await?;
-    Ok(assessment.next_action())
+    Ok(next_action(
+        &fd.spec,
+        &assessment,
+        &outcome,
+        retry,
+        ctx.registry.refresh,
+        now,
+    ))
 }
 
 async fn cleanup(fd: &FeatureDefinition, ctx: &Context) -> Result<Action, Error> {
@@ -251,14 +646,18 @@ async fn cleanup(fd: &FeatureDefinition, ctx: &Context) -> Result<Action, Error>
         &ctx.features.state(),
     );
     if users.is_empty() {
-        ctx.event(
-            fd,
-            EventType::Normal,
-            "Retired",
-            format!("{} {} removed", fd.spec.name, fd.spec.version),
-            "Delete",
-        )
-        .await;
+        if let Some(client) = &ctx.registry.client {
+            client.reset(&object_key(fd));
+        }
+        let note = match &ctx.registry.client {
+            Some(_) => format!(
+                "{} {} removed; its feature registry record and materialization history are kept",
+                fd.spec.name, fd.spec.version
+            ),
+            None => format!("{} {} removed", fd.spec.name, fd.spec.version),
+        };
+        ctx.event(fd, EventType::Normal, "Retired", note, "Delete")
+            .await;
         return Ok(Action::await_change());
     }
     let message = format!(
@@ -431,18 +830,446 @@ spec:
     fn status_carries_generation_and_conditions() {
         let a = feature("pop", "popularity_score", "1.0.0", &[]);
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
-        let s = desired_status(&a, &assess(&a, &[]), now);
+        let s = desired_status(&a, &assess(&a, &[]), &RegistryOutcome::NotConfigured, now);
         assert_eq!(s.observed_generation, Some(3));
-        let types: Vec<(&str, &str)> = s
+        let types: Vec<(&str, &str, &str)> = s
             .conditions
             .iter()
-            .map(|c| (c.type_.as_str(), c.status.as_str()))
+            .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
             .collect();
-        assert_eq!(types, [("Accepted", "True"), ("Ready", "True")]);
+        assert_eq!(
+            types,
+            [
+                ("Accepted", "True", "Valid"),
+                ("Ready", "True", "Resolved"),
+                ("Registered", "False", "RegistryNotConfigured")
+            ],
+            "without a registry the definition stays ready and says nothing is recorded"
+        );
         assert!(
             s.conditions
                 .iter()
                 .all(|c| c.observed_generation == Some(3))
+        );
+        assert_eq!(s.freshness, Some(Freshness::Unknown));
+        assert_eq!(s.registered_version, None);
+    }
+
+    // --- The registry ------------------------------------------------------------------
+
+    fn examples() -> Vec<(String, FeatureDefinition)> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/features");
+        let mut out = vec![];
+        for entry in std::fs::read_dir(&dir).expect("examples dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                let fd: FeatureDefinition = serde_yaml::from_str(&text).expect("example parses");
+                out.push((path.display().to_string(), fd));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        assert!(out.len() >= 3, "{out:?}");
+        out
+    }
+
+    #[test]
+    fn the_examples_convert_into_valid_registry_specs_losslessly() {
+        for (file, fd) in examples() {
+            let spec = registry_spec(&fd.spec).unwrap_or_else(|e| panic!("{file}: {e}"));
+            spec.validate()
+                .unwrap_or_else(|e| panic!("{file}: the registry refuses it: {e}"));
+            assert_eq!(spec.name, fd.spec.name, "{file}");
+            assert_eq!(spec.version, fd.spec.version, "{file}");
+            assert_eq!(spec.ttl, fd.spec.ttl.0, "{file}");
+            assert_eq!(
+                spec.ttl_ms().expect("ttl"),
+                u64::try_from(fd.spec.ttl.to_std().expect("ttl").as_millis()).expect("ms"),
+                "{file}: both sides read the TTL alike"
+            );
+            // Same JSON both ways: nothing is lost or renamed in the conversion.
+            assert_eq!(
+                serde_json::to_value(&spec).expect("json"),
+                serde_json::to_value(&fd.spec).expect("json"),
+                "{file}"
+            );
+        }
+    }
+
+    #[test]
+    fn vectors_pairs_and_deprecations_convert() {
+        let fd = fd(r#"
+apiVersion: recsys.io/v1alpha1
+kind: FeatureDefinition
+metadata: { name: emb }
+spec:
+  name: user_product_embedding
+  entity: userProduct
+  version: 2.1.0-rc.1
+  valueType: floatVector
+  dimension: 8
+  online: true
+  offline: false
+  description: embedding
+  owner: ranking
+  computation: { job: cf-train, logic: als factors }
+  ttl: 1d12h
+  deprecation: { replacedBy: user_product_embedding_v3, sunset: "2030-01-01T00:00:00Z", reason: superseded }
+"#);
+        let spec = registry_spec(&fd.spec).expect("converts");
+        spec.validate().expect("valid");
+        assert_eq!(spec.entity, recsys_core::features::EntityKind::UserProduct);
+        assert_eq!(spec.dimension, Some(8));
+        assert!(spec.online && !spec.offline);
+        assert_eq!(spec.computation.job, "cf-train");
+        assert_eq!(
+            spec.feature_ref().expect("ref"),
+            FeatureRef::new("user_product_embedding", 2)
+        );
+        let dep = spec.deprecation.expect("deprecation passed on");
+        assert_eq!(
+            dep.replaced_by.as_deref(),
+            Some("user_product_embedding_v3")
+        );
+        assert_eq!(dep.sunset.as_deref(), Some("2030-01-01T00:00:00Z"));
+        assert_eq!(dep.reason.as_deref(), Some("superseded"));
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().expect("timestamp")
+    }
+
+    #[test]
+    fn freshness_is_judged_against_the_ttl() {
+        let now = at("2026-11-26T12:00:00Z");
+        let ttl = Duration::from_secs(1800);
+        let ms = |s: &str| at(s).as_millisecond();
+        assert_eq!(freshness(None, ttl, now), Freshness::NeverMaterialized);
+        assert_eq!(
+            freshness(Some(ms("2026-11-26T11:45:00Z")), ttl, now),
+            Freshness::Fresh
+        );
+        assert_eq!(
+            freshness(Some(ms("2026-11-26T11:30:00Z")), ttl, now),
+            Freshness::Fresh,
+            "exactly the TTL old is still fresh"
+        );
+        assert_eq!(
+            freshness(Some(ms("2026-11-26T11:29:59Z")), ttl, now),
+            Freshness::Stale
+        );
+        assert_eq!(
+            freshness(Some(ms("2026-11-26T13:00:00Z")), ttl, now),
+            Freshness::Fresh,
+            "values describing a later time are not stale"
+        );
+    }
+
+    fn registered(at_ms: i64, last: Option<i64>) -> RegistryOutcome {
+        RegistryOutcome::Registered {
+            registered: Registered {
+                version: "1.0.0".into(),
+                major: 1,
+                registered_at_ms: at_ms,
+                created: true,
+            },
+            last_materialization: last.map(|at_ms| Materialization {
+                feature: FeatureRef::new("popularity_score", 1),
+                at_ms,
+                rows: 10,
+                recorded_at_ms: at_ms,
+            }),
+        }
+    }
+
+    fn condition<'a>(s: &'a FeatureDefinitionStatus, type_: &str) -> (&'a str, &'a str, &'a str) {
+        let c = common::find_condition(&s.conditions, type_).expect(type_);
+        (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+    }
+
+    #[test]
+    fn a_registered_version_reports_registration_and_freshness() {
+        let a = feature("pop", "popularity_score", "1.0.0", &[]); // ttl 24h
+        let now = at("2026-11-26T12:00:00Z");
+        let reg_ms = at("2026-11-20T08:00:00.750Z").as_millisecond();
+        let last_ms = at("2026-11-26T02:00:00Z").as_millisecond();
+        let outcome = registered(reg_ms, Some(last_ms));
+        let assessment = with_registry(assess(&a, &[]), &outcome);
+        let s = desired_status(&a, &assessment, &outcome, now);
+        assert_eq!(s.registered_version.as_deref(), Some("1.0.0"));
+        assert_eq!(
+            s.registered_at,
+            Some(Time(at("2026-11-20T08:00:00Z"))),
+            "whole seconds, as the API server stores them"
+        );
+        assert_eq!(
+            s.last_materialization,
+            Some(Time(at("2026-11-26T02:00:00Z")))
+        );
+        assert_eq!(s.freshness, Some(Freshness::Fresh));
+        let (status, reason, message) = condition(&s, "Ready");
+        assert_eq!((status, reason), ("True", "Resolved"));
+        assert!(
+            message.ends_with("recorded in the feature registry"),
+            "{message}"
+        );
+        let (status, reason, message) = condition(&s, "Registered");
+        assert_eq!((status, reason), ("True", "Registered"));
+        assert!(message.contains("popularity_score 1.0.0"), "{message}");
+
+        // A day later without a new run: stale.
+        let later = at("2026-11-27T03:00:00Z");
+        let s = desired_status(&a, &assessment, &outcome, later);
+        assert_eq!(s.freshness, Some(Freshness::Stale));
+        // Never materialized.
+        let none = registered(reg_ms, None);
+        let s = desired_status(&a, &with_registry(assess(&a, &[]), &none), &none, now);
+        assert_eq!(s.freshness, Some(Freshness::NeverMaterialized));
+        assert_eq!(s.last_materialization, None);
+    }
+
+    #[test]
+    fn a_refusal_is_not_ready_with_the_registry_message_and_keeps_the_record() {
+        let mut a = (*feature("pop", "popularity_score", "1.0.0", &[])).clone();
+        let now = at("2026-11-26T12:00:00Z");
+        let ok = registered(at("2026-11-20T08:00:00Z").as_millisecond(), None);
+        a.status = Some(desired_status(
+            &a,
+            &with_registry(assess(&a, &[]), &ok),
+            &ok,
+            now,
+        ));
+        let message = "feature popularity_score version 1.0.0 is already registered with a different spec (differs in: description); versions are immutable: register the change under a new version";
+        let refused = RegistryOutcome::Refused {
+            kind: "FeatureVersionConflict",
+            message: message.into(),
+        };
+        let assessment = with_registry(assess(&a, &[]), &refused);
+        assert!(assessment.is_accepted());
+        let s = desired_status(&a, &assessment, &refused, now);
+        assert_eq!(
+            condition(&s, "Ready"),
+            ("False", "RegistryRefused", message)
+        );
+        assert_eq!(
+            condition(&s, "Registered"),
+            ("False", "FeatureVersionConflict", message)
+        );
+        assert_eq!(
+            s.registered_version.as_deref(),
+            Some("1.0.0"),
+            "what the registry holds is still reported"
+        );
+        assert!(super::super::needs_attention("RegistryRefused"));
+        assert!(super::super::needs_attention("RegistryUnavailable"));
+        assert!(!super::super::needs_attention("UnresolvedLineage"));
+        // No hot loop: the slow resync only.
+        assert_eq!(
+            next_action(&a.spec, &assessment, &refused, None, RESYNC, now),
+            Action::requeue(RESYNC)
+        );
+    }
+
+    #[test]
+    fn an_unavailable_registry_degrades_and_backs_off() {
+        let a = feature("pop", "popularity_score", "1.0.0", &[]);
+        let now = at("2026-11-26T12:00:00Z");
+        let down = RegistryOutcome::Unavailable {
+            kind: "RegistryConnect",
+            message: "cannot connect to the feature registry: connection refused".into(),
+        };
+        let assessment = with_registry(assess(&a, &[]), &down);
+        let s = desired_status(&a, &assessment, &down, now);
+        let (status, reason, message) = condition(&s, "Ready");
+        assert_eq!((status, reason), ("False", "RegistryUnavailable"));
+        assert!(message.contains("connection refused"), "{message}");
+        assert_eq!(condition(&s, "Registered").0, "Unknown");
+        assert_eq!(s.freshness, Some(Freshness::Unknown));
+        assert_eq!(
+            next_action(
+                &a.spec,
+                &assessment,
+                &down,
+                Some(Duration::from_secs(8)),
+                RESYNC,
+                now
+            ),
+            Action::requeue(Duration::from_secs(8))
+        );
+    }
+
+    #[test]
+    fn a_spec_the_registry_finds_invalid_is_rejected() {
+        let a = feature("pop", "popularity_score", "1.0.0", &[]);
+        let bad = RegistryOutcome::Rejected {
+            message:
+                "feature \"popularity_score\": invalid spec: every tag must have 1 to 63 characters"
+                    .into(),
+        };
+        let assessment = with_registry(assess(&a, &[]), &bad);
+        assert!(!assessment.is_accepted());
+        let s = desired_status(&a, &assessment, &bad, at("2026-11-26T12:00:00Z"));
+        let (status, _, message) = condition(&s, "Accepted");
+        assert_eq!(status, "False");
+        assert!(
+            message.starts_with("spec: ") && message.contains("tag"),
+            "{message}"
+        );
+        assert_eq!(condition(&s, "Registered").1, "FeatureSpecInvalid");
+    }
+
+    #[test]
+    fn freshness_is_refreshed_periodically_and_when_values_turn_stale() {
+        let now = at("2026-11-26T12:00:00Z");
+        let ms = |s: &str| at(s).as_millisecond();
+        let ttl = Duration::from_secs(1800);
+        let five = Duration::from_secs(300);
+        // Fresh until 12:10: the refresh interval comes first.
+        assert_eq!(
+            refresh_after(Some(ms("2026-11-26T11:40:00Z")), ttl, five, now),
+            five
+        );
+        // Fresh until 12:02: look again just after.
+        assert_eq!(
+            refresh_after(Some(ms("2026-11-26T11:32:00Z")), ttl, five, now),
+            Duration::from_secs(121)
+        );
+        // Stale or never materialized: the TTL or the interval, whichever is shorter.
+        assert_eq!(refresh_after(None, ttl, five, now), five);
+        assert_eq!(
+            refresh_after(None, Duration::from_secs(60), five, now),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            refresh_after(None, Duration::from_secs(1), five, now),
+            Duration::from_secs(10),
+            "a tiny TTL does not make a hot loop"
+        );
+        let a = feature("pop", "popularity_score", "1.0.0", &[]); // ttl 24h
+        let outcome = registered(ms("2026-11-20T00:00:00Z"), Some(ms("2026-11-26T11:00:00Z")));
+        let assessment = with_registry(assess(&a, &[]), &outcome);
+        assert_eq!(
+            next_action(&a.spec, &assessment, &outcome, None, five, now),
+            Action::requeue(five)
+        );
+    }
+
+    fn in_process(
+        registry: Arc<recsys_core::features::registry::InProcessFeatureRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> RegistryClient {
+        RegistryClient::new(
+            "in-process",
+            metrics,
+            Box::new(move || {
+                let registry = registry.clone();
+                Box::pin(async move {
+                    Ok(registry as Arc<dyn recsys_core::features::registry::FeatureRegistry>)
+                })
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn record_registers_reads_materializations_and_reports_refusals() {
+        use recsys_core::features::registry::{
+            FeatureRegistry, InProcessFeatureRegistry, Lifecycle, VersionSelector,
+        };
+        let registry = Arc::new(InProcessFeatureRegistry::new());
+        let metrics = Arc::new(Metrics::default());
+        let client = in_process(registry.clone(), metrics.clone());
+        let a = feature("pop", "popularity_score", "1.0.0", &[]);
+
+        let first = record(&client, &metrics, &a.spec).await;
+        let RegistryOutcome::Registered {
+            registered,
+            last_materialization: None,
+        } = &first
+        else {
+            panic!("{first:?}")
+        };
+        assert!(registered.created);
+        assert_eq!(
+            (registered.version.as_str(), registered.major),
+            ("1.0.0", 1)
+        );
+
+        // The trainer records a run of the major version; the next reconcile sees it.
+        registry
+            .record_materialization(&FeatureRef::new("popularity_score", 1), 1_000_000, 42)
+            .await
+            .expect("materialization");
+        let again = record(&client, &metrics, &a.spec).await;
+        let RegistryOutcome::Registered {
+            registered: again_registered,
+            last_materialization: Some(run),
+        } = &again
+        else {
+            panic!("{again:?}")
+        };
+        assert!(!again_registered.created, "idempotent");
+        assert_eq!(
+            again_registered.registered_at_ms,
+            registered.registered_at_ms
+        );
+        assert_eq!((run.at_ms, run.rows), (1_000_000, 42));
+
+        // A different spec under the same version is refused with the registry's words.
+        let mut changed = (*a).clone();
+        changed.spec.description = "something else".into();
+        let refused = record(&client, &metrics, &changed.spec).await;
+        let RegistryOutcome::Refused { kind, message } = &refused else {
+            panic!("{refused:?}")
+        };
+        assert_eq!(*kind, "FeatureVersionConflict");
+        assert!(message.contains("description"), "{message}");
+
+        // A breaking change within the major version too.
+        let mut breaking = (*feature("pop2", "popularity_score", "1.1.0", &[])).clone();
+        breaking.spec.value_type = recsys_crds::ValueType::Int;
+        let refused = record(&client, &metrics, &breaking.spec).await;
+        assert!(
+            matches!(
+                refused,
+                RegistryOutcome::Refused {
+                    kind: "FeatureBreakingChange",
+                    ..
+                }
+            ),
+            "{refused:?}"
+        );
+
+        // A deprecation block deprecates the registered version.
+        let mut deprecated = (*a).clone();
+        deprecated.spec.deprecation = Some(
+            serde_yaml::from_str("{replacedBy: popularity_v2, reason: superseded}").expect("yaml"),
+        );
+        let outcome = record(&client, &metrics, &deprecated.spec).await;
+        assert!(
+            matches!(outcome, RegistryOutcome::Registered { .. }),
+            "{outcome:?}"
+        );
+        let stored = registry
+            .get("popularity_score", &VersionSelector::Exact("1.0.0".into()))
+            .await
+            .expect("get")
+            .expect("registered");
+        assert_eq!(stored.lifecycle(), Lifecycle::Deprecated);
+        assert_eq!(stored.replaced_by.as_deref(), Some("popularity_v2"));
+
+        let text = metrics.encode().expect("metrics");
+        assert!(
+            text.contains("operation=\"register\",outcome=\"ok\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("operation=\"register\",outcome=\"FeatureVersionConflict\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("operation=\"last_materialization\",outcome=\"ok\"} 3"),
+            "{text}"
         );
     }
 

@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 pub const FIELD_MANAGER: &str = "recsys-operator";
 
 /// Requeue interval of a healthy object (periodic resync).
-const RESYNC: Duration = Duration::from_secs(300);
+pub(crate) const RESYNC: Duration = Duration::from_secs(300);
 /// Requeue interval while waiting for another object (a dependency, a referenced feature).
 const WAIT_FOR_DEPENDENCY: Duration = Duration::from_secs(15);
 
@@ -232,6 +232,8 @@ pub struct Context {
     pub jobs: Store<BatchJob>,
     /// How trainer Jobs are built.
     pub trainer: batch_job::TrainerSettings,
+    /// The feature registry FeatureDefinitions are recorded in, if any.
+    pub registry: feature_definition::RegistrySettings,
 }
 
 impl Context {
@@ -403,7 +405,8 @@ where
 }
 
 /// Publishes Events for condition transitions between `before` and `after`: a Warning when the
-/// spec is rejected, Normal when it becomes accepted or ready, Warning when it stops being ready.
+/// spec is rejected, Normal when it becomes accepted or ready, Warning when it stops being ready
+/// or is not ready for a reason that needs attention ([`needs_attention`]).
 async fn announce_transitions<K>(ctx: &Context, obj: &K, before: &[Condition], after: &[Condition])
 where
     K: Resource<DynamicType = ()>,
@@ -420,7 +423,7 @@ where
         let warning = now.status != "True"
             && (type_ == ACCEPTED
                 || prev.is_some_and(|p| p.status == "True")
-                || now.reason == "InvalidSpec");
+                || needs_attention(&now.reason));
         let (ev_type, reason) = match (type_, now.status.as_str()) {
             (ACCEPTED, "True") => (EventType::Normal, "Accepted".to_owned()),
             (ACCEPTED, _) => (EventType::Warning, "InvalidSpec".to_owned()),
@@ -431,6 +434,13 @@ where
         ctx.event(obj, ev_type, &reason, now.message.clone(), type_)
             .await;
     }
+}
+
+/// Whether a not-ready condition with `reason` calls for a Warning even on first sight: the
+/// spec is rejected, or the feature registry refused or cannot be reached (waiting for another
+/// object, by contrast, is Normal).
+pub fn needs_attention(reason: &str) -> bool {
+    reason == "InvalidSpec" || feature_definition::is_registry_problem(reason)
 }
 
 /// The error policy of every controller: count, log once with the source chain, requeue with
@@ -491,6 +501,7 @@ pub async fn run_all(
     client: Client,
     scope: Scope,
     trainer: batch_job::TrainerSettings,
+    registry: feature_definition::RegistrySettings,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
 ) {
@@ -523,6 +534,7 @@ pub async fn run_all(
         features: fd_controller.store(),
         jobs: bj_controller.store(),
         trainer,
+        registry,
     });
 
     info!("starting controllers");
