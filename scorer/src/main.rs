@@ -7,5 +7,6 @@ use recsys_scorer::Args;
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     recsys_core::telemetry::init(&args.telemetry)?;
-    recsys_scorer::run(args).await
+    recsys_scorer::run(args).await?;
+    Ok(())
 }

@@ -13,25 +13,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
-use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use clap::Parser;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use recsys_core::features::online::http::{
-    ApiError, BatchRequest, BatchResponse, FeatureCatalog, check_entities, path_entity,
-    split_features,
-};
+use recsys_core::features::online::http::{BatchRequest, BatchResponse};
 use recsys_core::features::online::{
     FeatureReader, NoFallback, OnlineFeature, OnlineStore, ReaderOptions, RedisOnlineStore,
     RedisOnlineStoreOptions, StoreOutcome, now_ms,
 };
-use recsys_core::features::{EntityKey, EntityKind, FeatureRef, FeatureValue, StoredValue};
-use serde::Deserialize;
+use recsys_core::features::registry::{FeatureRegistry, FeatureSpec, InProcessFeatureRegistry};
+use recsys_core::features::{EntityKey, FeatureRef, FeatureValue, StoredValue};
+use recsys_scorer::AppState;
+use recsys_scorer::features::{FeatureService, ServiceOptions};
 
 /// Benchmark online-feature reads (recsys, optionally against Feast).
 #[derive(Debug, Parser)]
@@ -265,77 +259,33 @@ fn user(i: usize) -> EntityKey {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The HTTP server (what the scorer will mount: see recsys_core::features::online::http)
+// The HTTP server: the scorer's router, over the benchmark's reader and a registry of its
+// features
 
-struct AppState {
-    reader: Arc<FeatureReader>,
-    catalog: FeatureCatalog,
+/// The registry's record of benchmark feature `j`: a float feature of users, 1-day TTL.
+fn feature_spec(j: usize) -> anyhow::Result<FeatureSpec> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "name": feature_name(j),
+        "entity": "user",
+        "version": "1.0.0",
+        "valueType": "float",
+        "description": "bench_features value",
+        "owner": "bench",
+        "computation": {"job": "bench", "logic": "(i * 1000 + j) / 7"},
+        "ttl": "1d"
+    }))?)
 }
 
-struct HttpError(ApiError);
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let status =
-            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(self.0)).into_response()
+/// The scorer's router (feature routes, access-log and metrics layers) serving `reader`.
+async fn scorer_router(reader: Arc<FeatureReader>) -> anyhow::Result<axum::Router> {
+    let registry = Arc::new(InProcessFeatureRegistry::new());
+    for j in 0..FEATURES {
+        registry.register(&feature_spec(j)?).await?;
     }
-}
-
-impl<E: Into<ApiError>> From<E> for HttpError {
-    fn from(e: E) -> Self {
-        Self(e.into())
-    }
-}
-
-async fn serve_batch(
-    state: &AppState,
-    entities: Vec<EntityKey>,
-    specs: &[&str],
-) -> Result<Json<BatchResponse>, HttpError> {
-    check_entities(&entities)?;
-    let features = state.catalog.resolve_all(specs)?;
-    let batch = state.reader.read(&entities, &features).await?;
-    Ok(Json(BatchResponse::new(&features, entities, batch)))
-}
-
-async fn batch(
-    State(state): State<Arc<AppState>>,
-    Json(req): Json<BatchRequest>,
-) -> Result<Json<BatchResponse>, HttpError> {
-    let specs: Vec<&str> = req.features.iter().map(String::as_str).collect();
-    serve_batch(&state, req.entities, &specs).await
-}
-
-#[derive(Deserialize)]
-struct FeaturesQuery {
-    features: String,
-}
-
-async fn one_user(
-    State(state): State<Arc<AppState>>,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<FeaturesQuery>,
-) -> Result<Json<BatchResponse>, HttpError> {
-    let entity = path_entity(EntityKind::User, &id);
-    serve_batch(&state, vec![entity], &split_features(&q.features)).await
-}
-
-async fn one_product(
-    State(state): State<Arc<AppState>>,
-    UrlPath(id): UrlPath<String>,
-    Query(q): Query<FeaturesQuery>,
-) -> Result<Json<BatchResponse>, HttpError> {
-    let entity = path_entity(EntityKind::Product, &id);
-    serve_batch(&state, vec![entity], &split_features(&q.features)).await
-}
-
-fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/features/batch", post(batch))
-        .route("/v1/features/user/{id}", get(one_user))
-        .route("/v1/features/product/{id}", get(one_product))
-        .with_state(state)
+    let service = FeatureService::new(reader, registry, ServiceOptions::default());
+    let served = service.refresh().await?;
+    ensure!(served == FEATURES, "the catalog has {served} features");
+    Ok(recsys_scorer::router(AppState::new(Arc::new(service))))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -591,15 +541,12 @@ async fn recsys_setup(args: &Args, url: &str) -> anyhow::Result<Recsys> {
         Arc::new(NoFallback),
         options,
     ));
-    // The same reader (and Redis connection) behind the HTTP routes.
-    let state = Arc::new(AppState {
-        reader: reader.clone(),
-        catalog: FeatureCatalog::new(features.clone()),
-    });
+    // The same reader (and Redis connection) behind the scorer's HTTP routes.
+    let app = scorer_router(reader.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(state)).await {
+        if let Err(e) = axum::serve(listener, app).await {
             eprintln!("server: {e}");
         }
     });
@@ -1098,6 +1045,57 @@ mod tests {
             feast_connection_string("redis://h:1/3").expect("ok"),
             "h:1,db=3"
         );
+    }
+
+    #[tokio::test]
+    async fn the_scorer_serves_the_benchmark_features() {
+        for j in [0, FEATURES - 1] {
+            feature_spec(j).expect("spec").validate().expect("valid");
+        }
+        let store = Arc::new(recsys_core::features::online::InProcessOnlineStore::new());
+        let now = now_ms();
+        let stored = StoredValue {
+            value: FeatureValue::Float(value(3, 249)),
+            event_time_ms: now,
+            written_at_ms: now,
+        };
+        store
+            .write_batch(
+                &FeatureRef::new(feature_name(249), 1),
+                TTL,
+                &[(user(3), stored)],
+            )
+            .await
+            .expect("write");
+        let reader = Arc::new(FeatureReader::new(
+            store,
+            Arc::new(NoFallback),
+            ReaderOptions::default(),
+        ));
+        let app = scorer_router(reader)
+            .await
+            .expect("router over 250 features");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let body = serde_json::to_vec(&BatchRequest {
+            entities: vec![user(3)],
+            features: vec![feature_name(249), feature_name(0)],
+        })
+        .expect("body");
+        let resp: BatchResponse = http_once(addr, "/v1/features/batch", body.into())
+            .await
+            .expect("HTTP");
+        let got = serde_json::to_value(&resp.rows[0].values).expect("json");
+        assert!(
+            got[0]
+                .as_f64()
+                .is_some_and(|g| (g - value(3, 249)).abs() < 1e-9),
+            "{got}"
+        );
+        assert_eq!(got[1], serde_json::Value::Null);
     }
 
     #[test]

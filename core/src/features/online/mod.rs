@@ -4,8 +4,10 @@
 //! [`InProcessOnlineStore`] (local mode, tests). One conformance suite
 //! (`core/tests/online_conformance.rs`) runs against both. On top of the seam,
 //! [`FeatureReader`] serves reads within a time budget: freshness is decided on every read,
-//! missing values come from a [`Fallback`] (offline store or computation), and a Redis that is
-//! down or slow degrades the answer instead of failing it.
+//! missing values come from a [`Fallback`] (the offline store: [`OfflineFallback`], or a
+//! computation), and a Redis that is down or slow degrades the answer instead of failing it.
+//! [`warm_from_offline`] fills an empty online store from the offline store's latest values;
+//! [`http`] holds the JSON shapes of the scorer's feature API.
 //!
 //! # Key schema
 //!
@@ -83,6 +85,7 @@ mod memory;
 mod metrics;
 mod reader;
 mod redis_store;
+mod warm;
 
 use std::time::Duration;
 
@@ -94,11 +97,12 @@ pub use codec::{
     FORMAT_VERSION, HEADER_LEN, decode_at, encode, entity_key, field, parse_entity_key,
     parse_field, supersedes,
 };
-pub use fallback::{Fallback, FallbackChain, MemoryFallback, NoFallback};
+pub use fallback::{Fallback, FallbackChain, MemoryFallback, NoFallback, OfflineFallback};
 pub use memory::InProcessOnlineStore;
 pub use metrics::{OnlineMetrics, freshness_label};
 pub use reader::{FeatureBatch, FeatureReader, ReaderOptions, ServedValue, StoreOutcome, classify};
 pub use redis_store::{RedisOnlineStore, RedisOnlineStoreOptions};
+pub use warm::{WarmReport, warm_from_offline};
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "rs";
