@@ -9,5 +9,6 @@ pub mod cf;
 pub mod events;
 pub mod exit;
 pub mod features;
+pub mod serving;
 pub mod stores;
 pub mod telemetry;
