@@ -7,4 +7,5 @@ pub mod als;
 pub mod eval;
 pub mod interactions;
 pub mod search;
+pub mod serving;
 pub mod synth;
