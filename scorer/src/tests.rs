@@ -328,11 +328,11 @@ async fn product_features_with_versions_ages_and_freshness() {
     assert_eq!(v["entities"], json!([{"kind": "product", "id": "p1"}]));
     assert_eq!(
         v["features"][0],
-        json!({"name": "pop", "major": 1, "ttl_ms": 3_600_000})
+        json!({"name": "pop", "major": 1, "version": "1.0.0", "ttl_ms": 3_600_000})
     );
     assert_eq!(
         v["features"][1],
-        json!({"name": "pop", "major": 2, "ttl_ms": 10_000})
+        json!({"name": "pop", "major": 2, "version": "2.0.0", "ttl_ms": 10_000})
     );
     assert_eq!(v["rows"][0]["values"], json!([0.5, 0.7]));
     assert_eq!(v["rows"][0]["freshness"], json!(["fresh", "stale"]));
@@ -376,7 +376,7 @@ async fn without_features_every_online_feature_of_the_kind_is_served() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(
         v["features"],
-        json!([{"name": "emb", "major": 1, "ttl_ms": 3_600_000}])
+        json!([{"name": "emb", "major": 1, "version": "1.0.0", "ttl_ms": 3_600_000}])
     );
     assert_eq!(v["rows"][0]["values"], json!([[1.0, 2.5]]));
     let (_, v) = get(&f.app, "/v1/features/products/p1").await;

@@ -231,8 +231,8 @@ async fn features_over_http_against_redis_and_postgres() -> anyhow::Result<()> {
 
         // Values with versions, ages and freshness.
         let v = get(addr, &format!("/v1/features/products/p1?features={pop}@1,{pop}")).await?;
-        assert_eq!(v["features"][0], json!({"name": pop, "major": 1, "ttl_ms": 3_600_000}));
-        assert_eq!(v["features"][1], json!({"name": pop, "major": 2, "ttl_ms": 30_000}));
+        assert_eq!(v["features"][0], json!({"name": pop, "major": 1, "version": "1.0.0", "ttl_ms": 3_600_000}));
+        assert_eq!(v["features"][1], json!({"name": pop, "major": 2, "version": "2.0.0", "ttl_ms": 30_000}));
         assert_eq!(v["rows"][0]["values"], json!([0.5, 0.7]));
         assert_eq!(v["rows"][0]["freshness"], json!(["fresh", "stale"]), "{v}");
         let ages: Vec<i64> = serde_json::from_value(v["rows"][0]["age_ms"].clone())?;

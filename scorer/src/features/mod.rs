@@ -392,7 +392,7 @@ impl FeatureService {
                 ),
             ));
         }
-        Ok(BatchResponse::new(&features, entities, batch))
+        Ok(BatchResponse::new(&features, entities, batch).with_versions(catalog))
     }
 
     /// Discovery: the registered versions matching `query`.

@@ -53,6 +53,10 @@ pub struct FeatureColumn {
     pub name: String,
     /// Major version served.
     pub major: u64,
+    /// The registered version whose definition is served for that major (`1.2.0`), when the
+    /// catalog comes from the registry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Its TTL in milliseconds (values older than this are `stale`).
     pub ttl_ms: u64,
 }
@@ -118,6 +122,16 @@ pub struct BatchResponse {
 }
 
 impl BatchResponse {
+    /// Names each column's registered version from `catalog`.
+    pub fn with_versions(mut self, catalog: &FeatureCatalog) -> Self {
+        for c in &mut self.features {
+            c.version = catalog
+                .version(&FeatureRef::new(c.name.clone(), c.major))
+                .map(str::to_owned);
+        }
+        self
+    }
+
     /// The answer for `batch`, read for `entities` × `features`.
     pub fn new(features: &[OnlineFeature], entities: Vec<EntityKey>, batch: FeatureBatch) -> Self {
         let width = batch.features();
@@ -144,6 +158,7 @@ impl BatchResponse {
                 .map(|f| FeatureColumn {
                     name: f.feature.name.clone(),
                     major: f.feature.major,
+                    version: None,
                     ttl_ms: f.ttl.as_millis() as u64,
                 })
                 .collect(),
