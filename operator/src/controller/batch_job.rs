@@ -723,4 +723,31 @@ spec:
         assert_eq!(status.observed_generation, Some(2));
         assert_eq!(runs_from_jobs(&jobs, 1).len(), 1);
     }
+
+    /// Every shipped BatchJob example becomes a command line the trainer accepts: the
+    /// parameters a user copies from the docs do not fail at run time.
+    #[test]
+    fn example_batch_jobs_give_arguments_the_trainer_accepts() {
+        use clap::Parser as _;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples");
+        let mut files = vec![root.join("batchjob.yaml")];
+        let mut more: Vec<_> = std::fs::read_dir(root.join("batchjobs"))
+            .expect("docs/examples/batchjobs")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        more.sort();
+        files.extend(more);
+        assert!(files.len() >= 4, "{files:?}");
+        for path in files {
+            let text = std::fs::read_to_string(&path).expect("read");
+            let bj: BatchJob =
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let args = trainer_args(&bj);
+            let cli = recsys_trainer::Cli::try_parse_from(
+                std::iter::once("recsys-trainer".to_owned()).chain(args.clone()),
+            )
+            .unwrap_or_else(|e| panic!("{}: {args:?} refused by the trainer: {e}", path.display()));
+            assert_eq!(cli.job.name(), bj.spec.job.as_str(), "{}", path.display());
+        }
+    }
 }
