@@ -24,6 +24,7 @@
 
 pub mod features;
 pub mod metrics;
+pub mod models;
 pub mod stores;
 
 use std::collections::BTreeMap;
