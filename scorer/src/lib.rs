@@ -25,6 +25,7 @@
 pub mod features;
 pub mod metrics;
 pub mod models;
+pub mod recommend;
 pub mod stores;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,4 @@
+//! Recommendations and scores: the paths (CF, fold-in, blend, popularity, content), the
+//! ranking that combines CF with the feature store, and the HTTP handlers.
+
+pub mod rank;
