@@ -2,3 +2,4 @@
 //! ranking that combines CF with the feature store, and the HTTP handlers.
 
 pub mod rank;
+pub mod shadow;
