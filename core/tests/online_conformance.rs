@@ -1,7 +1,10 @@
-//! Conformance of the online-store seam: one suite, run against the in-process store and
-//! against the real Redis of the test environment (`bash tests/run` or `tests/env/up.sh`
-//! starts it; the Redis half fails without it). Each Redis run uses a key prefix of its own
-//! and removes every key under it afterwards.
+//! Conformance of the online-store seam: one suite, run against the in-process store, against
+//! the real Redis of the test environment, and against Redis with the near cache on (`bash
+//! tests/run` or `tests/env/up.sh` starts it; the Redis runs fail without it). Each Redis run
+//! uses a key prefix of its own and removes every key under it afterwards. After the suite,
+//! the near cache's own guarantees against the real Redis: a value written by another
+//! connection is seen within a bounded time (the invalidation push), one written through the
+//! same store at once, and concurrent writers never leave a stale value cached.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use recsys_core::features::online::{
-    FeatureReader, InProcessOnlineStore, MemoryFallback, NoFallback, OnlineFeature, OnlineMetrics,
-    OnlineStore, ReaderOptions, RedisOnlineStore, RedisOnlineStoreOptions, StoreOutcome, now_ms,
+    FeatureReader, InProcessOnlineStore, MemoryFallback, NearCacheOptions, NoFallback,
+    OnlineFeature, OnlineMetrics, OnlineStore, ReaderOptions, RedisOnlineStore,
+    RedisOnlineStoreOptions, StoreOutcome, now_ms,
 };
 use recsys_core::features::{EntityKey, FeatureRef, FeatureValue, Freshness, StoredValue};
 use recsys_core::stores::{self, RedisArgs};
@@ -30,6 +34,22 @@ async fn redis_conn() -> anyhow::Result<redis::aio::ConnectionManager> {
     let env = TestEnv::load()?;
     let url = env.var("RECSYS_TEST_REDIS_URL")?.to_owned();
     Ok(stores::redis(&RedisArgs { url }).await?)
+}
+
+/// The test environment's Redis URL.
+fn redis_url() -> anyhow::Result<String> {
+    Ok(TestEnv::load()?.var("RECSYS_TEST_REDIS_URL")?.to_owned())
+}
+
+/// A Redis store with a near cache, on a connection of its own.
+fn cached_store(prefix: &str, cache: NearCacheOptions) -> anyhow::Result<RedisOnlineStore> {
+    Ok(RedisOnlineStore::connect_lazy(
+        &redis_url()?,
+        RedisOnlineStoreOptions {
+            near_cache: Some(cache),
+            ..RedisOnlineStoreOptions::with_prefix(prefix)
+        },
+    )?)
 }
 
 /// A unique key prefix for one test run (at most 64 characters).
@@ -123,6 +143,16 @@ macro_rules! conformance {
                         conn,
                         super::RedisOnlineStoreOptions::with_prefix(prefix.clone()),
                     )?;
+                    super::run(std::sync::Arc::new(store), Some(&prefix), super::$suite).await
+                }
+            )*
+        }
+        mod redis_near_cache {
+            $(
+                #[tokio::test]
+                async fn $suite() -> anyhow::Result<()> {
+                    let prefix = super::unique_prefix(concat!("nc-", stringify!($suite)));
+                    let store = super::cached_store(&prefix, super::NearCacheOptions::default())?;
                     super::run(std::sync::Arc::new(store), Some(&prefix), super::$suite).await
                 }
             )*
@@ -738,5 +768,340 @@ async fn redis_clear_removes_everything_under_the_prefix_only() -> anyhow::Resul
         est.bytes.abs_diff(x.bytes) * 10 < x.bytes,
         "estimate {est:?} vs {x:?}"
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The near cache against the real Redis
+
+/// Polls `read` every millisecond until `done` holds for what it returns; how long it took.
+async fn poll_until<T, E, F, Fut>(
+    limit: Duration,
+    what: &str,
+    mut read: F,
+    done: impl Fn(&T) -> bool,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    anyhow::Error: From<E>,
+{
+    let started = Instant::now();
+    loop {
+        if done(&read().await?) {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "{what}: not seen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn cell(
+    m: &recsys_core::features::online::ValueMatrix,
+    e: usize,
+    f: usize,
+) -> Option<FeatureValue> {
+    m.get(e, f).map(|v| v.value.clone())
+}
+
+#[tokio::test]
+async fn near_cache_sees_another_writer_within_bounded_time_and_its_own_writes_at_once()
+-> anyhow::Result<()> {
+    let prefix = unique_prefix("nc-writers");
+    let cached = Arc::new(cached_store(&prefix, NearCacheOptions::default())?);
+    // Another connection, as a trainer job in another process writes.
+    let other = RedisOnlineStore::new(
+        redis_conn().await?,
+        RedisOnlineStoreOptions::with_prefix(prefix.clone()),
+    )?;
+    let c = cached.clone();
+    run(cached.clone(), Some(&prefix), move |_| async move {
+        let (f, g) = (FeatureRef::new("score", 1), FeatureRef::new("rank", 1));
+        let (u1, u2) = (EntityKey::user("u1"), EntityKey::user("u2"));
+        let spec = of(&[f.clone(), g.clone()]);
+        let t = now_ms();
+        other
+            .write_batch(
+                &f,
+                HOUR,
+                &[(u1.clone(), at(FeatureValue::Float(1.0), t, t))],
+            )
+            .await?;
+        let entities = [u1.clone(), u2.clone()];
+        let read = || c.read_batch(&entities, &spec);
+        let m = read().await?;
+        assert_eq!(cell(&m, 0, 0), Some(FeatureValue::Float(1.0)));
+        ensure!(cell(&m, 0, 1).is_none() && cell(&m, 1, 0).is_none());
+        // Served from memory the second time: two hits, no new miss.
+        let m = read().await?;
+        assert_eq!(cell(&m, 0, 0), Some(FeatureValue::Float(1.0)));
+        let stats = c.near_cache_stats().context("cache on")?;
+        assert_eq!(
+            (stats.hits, stats.misses, stats.entries),
+            (2, 2, 2),
+            "{stats:?}"
+        );
+
+        // Another connection overwrites a cached value: Redis pushes an invalidation.
+        other
+            .write_batch(
+                &f,
+                HOUR,
+                &[(u1.clone(), at(FeatureValue::Float(2.0), t + 1, t + 1))],
+            )
+            .await?;
+        let overwrite = poll_until(
+            Duration::from_secs(2),
+            "overwrite by another connection",
+            read,
+            |m| cell(m, 0, 0) == Some(FeatureValue::Float(2.0)),
+        )
+        .await?;
+        // A value absent when cached (an entity never written at all, too) appears.
+        other
+            .write_batch(&g, HOUR, &[(u2.clone(), at(FeatureValue::Int(7), t, t))])
+            .await?;
+        let new_key = poll_until(
+            Duration::from_secs(2),
+            "value of a key absent when cached",
+            read,
+            |m| cell(m, 1, 1) == Some(FeatureValue::Int(7)),
+        )
+        .await?;
+        // Deletion by another connection.
+        other
+            .invalidate_entity(&u1, std::slice::from_ref(&f))
+            .await?;
+        poll_until(
+            Duration::from_secs(2),
+            "deletion by another connection",
+            read,
+            |m| cell(m, 0, 0).is_none(),
+        )
+        .await?;
+        let stats = c.near_cache_stats().context("cache on")?;
+        ensure!(stats.push_invalidations >= 3, "{stats:?}");
+        println!("near cache: overwrite seen after {overwrite:?}, new key after {new_key:?}");
+
+        // Through the same store: visible on the very next read.
+        read().await?;
+        c.write_batch(
+            &f,
+            HOUR,
+            &[(u1.clone(), at(FeatureValue::Float(3.0), t + 2, t + 2))],
+        )
+        .await?;
+        assert_eq!(cell(&read().await?, 0, 0), Some(FeatureValue::Float(3.0)));
+        c.invalidate_entity(&u2, std::slice::from_ref(&g)).await?;
+        assert_eq!(cell(&read().await?, 1, 1), None);
+        read().await?;
+        c.invalidate_feature(&f).await?;
+        let m = read().await?;
+        ensure!(cell(&m, 0, 0).is_none() && cell(&m, 1, 0).is_none());
+        let stats = c.near_cache_stats().context("cache on")?;
+        ensure!(
+            stats.local_invalidations >= 2 && stats.flushes >= 1,
+            "{stats:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_cache_never_keeps_a_stale_value_under_concurrent_writes() -> anyhow::Result<()> {
+    let prefix = unique_prefix("nc-race");
+    let cached = Arc::new(cached_store(&prefix, NearCacheOptions::default())?);
+    let other = Arc::new(RedisOnlineStore::new(
+        redis_conn().await?,
+        RedisOnlineStoreOptions::with_prefix(prefix.clone()),
+    )?);
+    let c = cached.clone();
+    run(cached.clone(), Some(&prefix), move |_| async move {
+        let f = FeatureRef::new("counter", 1);
+        let entities: Vec<_> = (0..20).map(|i| EntityKey::user(format!("u{i}"))).collect();
+        let spec = of(std::slice::from_ref(&f));
+        let base = now_ms() - 10_000;
+        // A writer on another connection bumps every entity 200 times while two readers read
+        // through the cache (one all entities, one a sliding half: partial hits) until it is
+        // done.
+        let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let writer = {
+            let (other, f, entities, writing) =
+                (other.clone(), f.clone(), entities.clone(), writing.clone());
+            tokio::spawn(async move {
+                for n in 1..=200i64 {
+                    let values: Vec<_> = entities
+                        .iter()
+                        .map(|e| (e.clone(), at(FeatureValue::Int(n), base + n, base + n)))
+                        .collect();
+                    other.write_batch(&f, HOUR, &values).await?;
+                }
+                writing.store(false, std::sync::atomic::Ordering::Release);
+                anyhow::Ok(())
+            })
+        };
+        let readers: Vec<_> = (0..2)
+            .map(|r| {
+                let (c, entities, spec, writing) =
+                    (c.clone(), entities.clone(), spec.clone(), writing.clone());
+                tokio::spawn(async move {
+                    let mut reads = 0usize;
+                    let mut seen_values = std::collections::BTreeSet::new();
+                    let mut last = vec![0i64; entities.len()];
+                    while writing.load(std::sync::atomic::Ordering::Acquire) {
+                        let (from, to) = if r == 0 {
+                            (0, entities.len())
+                        } else {
+                            let from = reads % (entities.len() / 2);
+                            (from, from + entities.len() / 2)
+                        };
+                        let m = c.read_batch(&entities[from..to], &spec).await?;
+                        for (i, seen) in last[from..to].iter_mut().enumerate() {
+                            if let Some(FeatureValue::Int(n)) = cell(&m, i, 0) {
+                                // One reader never goes back in time.
+                                ensure!(n >= *seen, "entity {}: {n} after {seen}", from + i);
+                                *seen = n;
+                                seen_values.insert(n);
+                            }
+                        }
+                        reads += 1;
+                        // Cached reads complete without waiting: let the writer run.
+                        tokio::task::yield_now().await;
+                    }
+                    anyhow::Ok((reads, seen_values.len()))
+                })
+            })
+            .collect();
+        writer.await??;
+        let mut reads = 0;
+        for r in readers {
+            let (n, distinct) = r.await??;
+            // The readers ran alongside the writer and saw it progress.
+            ensure!(
+                distinct > 1,
+                "a reader saw only {distinct} distinct values in {n} reads"
+            );
+            reads += n;
+        }
+        // Once the writer is done, the last value is served everywhere, and stays.
+        let took = poll_until(
+            Duration::from_secs(2),
+            "last write",
+            || c.read_batch(&entities, &spec),
+            |m| (0..entities.len()).all(|e| cell(m, e, 0) == Some(FeatureValue::Int(200))),
+        )
+        .await?;
+        for _ in 0..20 {
+            let m = c.read_batch(&entities, &spec).await?;
+            ensure!((0..entities.len()).all(|e| cell(&m, e, 0) == Some(FeatureValue::Int(200))));
+        }
+        let stats = c.near_cache_stats().context("cache on")?;
+        ensure!(stats.hits > 0 && stats.push_invalidations > 0, "{stats:?}");
+        println!("{reads} concurrent reads; last write seen after {took:?}; {stats:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn near_cache_is_bounded_counted_and_published() -> anyhow::Result<()> {
+    let prefix = unique_prefix("nc-bounds");
+    let cached = Arc::new(cached_store(
+        &prefix,
+        NearCacheOptions {
+            max_entries: 10,
+            ..NearCacheOptions::default()
+        },
+    )?);
+    let c = cached.clone();
+    run(cached.clone(), Some(&prefix), move |store| async move {
+        let f = FeatureRef::new("bounded", 1);
+        let entities: Vec<_> = (0..50)
+            .map(|i| EntityKey::product(format!("p{i}")))
+            .collect();
+        let values: Vec<_> = entities
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.clone(), fresh(FeatureValue::Int(i as i64))))
+            .collect();
+        store.write_batch(&f, HOUR, &values).await?;
+        let metrics = OnlineMetrics::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let reader = FeatureReader::new(
+            store.clone(),
+            Arc::new(NoFallback),
+            ReaderOptions::default(),
+        )
+        .with_metrics(metrics);
+        let spec = of(std::slice::from_ref(&f));
+        for _ in 0..3 {
+            let b = reader.read(&entities, &spec).await?;
+            for (i, row) in b.rows().enumerate() {
+                assert_eq!(
+                    row[0].value,
+                    Some(FeatureValue::Int(i as i64)),
+                    "entity {i}"
+                );
+                assert_eq!(row[0].freshness, Freshness::Fresh);
+            }
+        }
+        // Twice the same 5 entities: hits.
+        for _ in 0..2 {
+            reader.read(&entities[..5], &spec).await?;
+        }
+        let stats = c.near_cache_stats().context("cache on")?;
+        ensure!(stats.entries <= 10 && stats.evictions >= 40, "{stats:?}");
+        ensure!(
+            stats.hits >= 5 && stats.hits + stats.misses == 160,
+            "{stats:?}"
+        );
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        for line in [
+            format!(
+                r#"feature_store_near_cache_lookups_total{{result="hit"}} {}"#,
+                stats.hits
+            ),
+            format!(
+                r#"feature_store_near_cache_lookups_total{{result="miss"}} {}"#,
+                stats.misses
+            ),
+            format!("feature_store_near_cache_entries {}", stats.entries),
+            r#"feature_store_near_cache_evictions_total{reason="capacity"}"#.to_owned(),
+        ] {
+            ensure!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_near_cache_needs_its_own_connection_and_sane_bounds() -> anyhow::Result<()> {
+    let err = RedisOnlineStore::new(
+        redis_conn().await?,
+        RedisOnlineStoreOptions {
+            near_cache: Some(NearCacheOptions::default()),
+            ..RedisOnlineStoreOptions::default()
+        },
+    )
+    .expect_err("refused");
+    assert_eq!(err.kind(), "InvalidArgument");
+    ensure!(err.to_string().contains("connect_lazy"), "{err}");
+    let err = RedisOnlineStore::connect_lazy(
+        &redis_url()?,
+        RedisOnlineStoreOptions {
+            near_cache: Some(NearCacheOptions::with_entries(0)),
+            ..RedisOnlineStoreOptions::default()
+        },
+    )
+    .expect_err("refused");
+    assert_eq!(err.kind(), "InvalidArgument");
+    ensure!(err.to_string().contains("max_entries (0)"), "{err}");
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! Serving with Redis down or slow: a redis-server of the test's own (the shared one of the
 //! test environment keeps running for the other tests) is killed, restarted, frozen and
 //! thawed under a reader. Reads keep answering within their budget with fallback values, say
-//! so value by value, and recover when Redis does. Needs `redis-server` on `PATH` (the test
-//! environment installs it) and fails without it.
+//! so value by value, and recover when Redis does. With the near cache on, a restarted Redis
+//! never leaves a stale cached value behind, and a read sends Redis only the entities not
+//! cached. Needs `redis-server` on `PATH` (the test environment installs it) and fails
+//! without it.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -11,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use recsys_core::features::online::{
-    FeatureBatch, FeatureReader, MemoryFallback, OnlineFeature, OnlineMetrics, OnlineStore,
-    ReaderOptions, RedisOnlineStore, RedisOnlineStoreOptions, StoreOutcome, now_ms,
+    FeatureBatch, FeatureReader, MemoryFallback, NearCacheOptions, OnlineFeature, OnlineMetrics,
+    OnlineStore, ReaderOptions, RedisOnlineStore, RedisOnlineStoreOptions, StoreOutcome, now_ms,
 };
 use recsys_core::features::{EntityKey, FeatureRef, FeatureValue, Freshness, StoredValue};
 use recsys_tests::wait_for;
@@ -113,6 +115,11 @@ fn features() -> Vec<OnlineFeature> {
 }
 
 async fn load(store: &dyn OnlineStore) -> anyhow::Result<()> {
+    load_shifted(store, 0.0).await
+}
+
+/// Writes every cell as `i * 10 + j + shift`.
+async fn load_shifted(store: &dyn OnlineStore, shift: f64) -> anyhow::Result<()> {
     let now = now_ms();
     for (j, f) in features().iter().enumerate() {
         let values: Vec<_> = entities()
@@ -122,7 +129,7 @@ async fn load(store: &dyn OnlineStore) -> anyhow::Result<()> {
                 (
                     e,
                     StoredValue {
-                        value: FeatureValue::Float((i * 10 + j) as f64),
+                        value: FeatureValue::Float((i * 10 + j) as f64 + shift),
                         event_time_ms: now,
                         written_at_ms: now,
                     },
@@ -405,5 +412,183 @@ async fn a_slow_fallback_is_cut_at_the_budget() -> anyhow::Result<()> {
     let reader = FeatureReader::new(Arc::new(store), failing, options());
     let b = reader.read(&entities(), &features()).await?;
     ensure!(b.count(Freshness::Missing) == ENTITIES * FEATURES);
+    Ok(())
+}
+
+/// `INFO commandstats` calls of `cmd` (`hmget`, `client|tracking`) since the last reset.
+async fn calls(conn: &mut redis::aio::MultiplexedConnection, cmd: &str) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{cmd}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+fn cached_options(prefix: &str) -> RedisOnlineStoreOptions {
+    RedisOnlineStoreOptions {
+        near_cache: Some(NearCacheOptions::default()),
+        ..RedisOnlineStoreOptions::with_prefix(prefix)
+    }
+}
+
+fn values_shifted(b: &FeatureBatch, shift: f64) -> anyhow::Result<()> {
+    ensure!(b.store == StoreOutcome::Ok, "store outcome {:?}", b.store);
+    for e in 0..b.entities() {
+        for f in 0..b.features() {
+            let v = b.get(e, f);
+            ensure!(
+                v.freshness == Freshness::Fresh
+                    && v.value == Some(FeatureValue::Float((e * 10 + f) as f64 + shift)),
+                "cell {e},{f}: {v:?}, expected {}",
+                (e * 10 + f) as f64 + shift
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_cache_sends_only_uncached_entities_in_one_pipeline() -> anyhow::Result<()> {
+    let server = OwnRedis::start(OwnRedis::free_port()?).await?;
+    let store = Arc::new(RedisOnlineStore::connect_lazy(
+        &server.url(),
+        cached_options("partial"),
+    )?);
+    load(store.as_ref()).await?;
+    let reader = FeatureReader::new(store.clone(), fallback(), options());
+    let (es, fs) = (entities(), features());
+    let mut conn = redis::Client::open(server.url().as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let reset = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let _: () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(&mut conn)
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+
+    // Half the entities first: 5 HMGETs after one CLIENT TRACKING ON, in one pipeline.
+    reset(&mut conn).await?;
+    let half = reader.read(&es[..5], &fs).await?;
+    values_shifted(&half, 0.0)?;
+    assert_eq!(calls(&mut conn, "hmget").await?, 5);
+    assert_eq!(calls(&mut conn, "client|tracking").await?, 1);
+
+    // All of them: only the 5 not cached go to Redis; the answer merges both halves in order.
+    reset(&mut conn).await?;
+    let all = reader.read(&es, &fs).await?;
+    all_from_store(&all)?;
+    assert_eq!(calls(&mut conn, "hmget").await?, 5);
+    assert_eq!(calls(&mut conn, "client|tracking").await?, 1);
+
+    // Everything cached: no round trip at all.
+    reset(&mut conn).await?;
+    all_from_store(&reader.read(&es, &fs).await?)?;
+    assert_eq!(calls(&mut conn, "hmget").await?, 0);
+    assert_eq!(calls(&mut conn, "client|tracking").await?, 0);
+    let stats = store.near_cache_stats().context("cache on")?;
+    assert_eq!((stats.hits, stats.misses), (15, 10), "{stats:?}");
+
+    // A feature not cached yet makes its entities misses, read again with every feature.
+    let mut more = fs.clone();
+    more.push(OnlineFeature::new(
+        FeatureRef::new("f_new", 1),
+        Duration::from_secs(3600),
+    ));
+    reset(&mut conn).await?;
+    let b = reader.read(&es[..2], &more).await?;
+    assert_eq!(calls(&mut conn, "hmget").await?, 2);
+    // Nobody has it (the fallback neither); the other features still come from Redis.
+    ensure!(b.get(0, FEATURES).freshness == Freshness::Missing);
+    ensure!(b.get(1, 0).value == Some(FeatureValue::Float(10.0)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_cache_serves_nothing_stale_after_redis_restarts() -> anyhow::Result<()> {
+    let port = OwnRedis::free_port()?;
+    let mut server = OwnRedis::start(port).await?;
+    let store = Arc::new(RedisOnlineStore::connect_lazy(
+        &server.url(),
+        cached_options("restart"),
+    )?);
+    // Another process's writes, on a connection of its own (no near cache).
+    let writer = RedisOnlineStore::connect_lazy(
+        &server.url(),
+        RedisOnlineStoreOptions::with_prefix("restart"),
+    )?;
+    load_shifted(&writer, 0.0).await?;
+    let metrics = OnlineMetrics::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let reader = FeatureReader::new(store.clone(), fallback(), options()).with_metrics(metrics);
+    let (es, fs) = (entities(), features());
+    all_from_store(&reader.read(&es, &fs).await?)?;
+    all_from_store(&reader.read(&es, &fs).await?)?;
+    let before = store.near_cache_stats().context("cache on")?;
+    assert_eq!(
+        (before.hits, before.entries),
+        (ENTITIES as u64, ENTITIES as u64)
+    );
+
+    // Redis restarts empty while nothing reads, and another process writes new values before
+    // this one reads again: no invalidation can reach the cache (its connection is gone), so
+    // only the flush on disconnection keeps the old values from being served.
+    server.kill()?;
+    let _server = OwnRedis::start(port).await?;
+    wait_for(Duration::from_secs(15), "writer after restart", || async {
+        Ok(load_shifted(&writer, 1000.0).await.is_ok())
+    })
+    .await?;
+    let stats = store.near_cache_stats().context("cache on")?;
+    ensure!(stats.flushes >= 1 && stats.entries == 0, "{stats:?}");
+    wait_for(Duration::from_secs(15), "reads after restart", || async {
+        let b = reader.read(&es, &fs).await?;
+        // Never an old value: fallbacks while reconnecting, then the new values.
+        for e in 0..ENTITIES {
+            for f in 0..FEATURES {
+                let v = b.get(e, f);
+                ensure!(
+                    v.value != Some(FeatureValue::Float((e * 10 + f) as f64)),
+                    "stale value served after the restart: cell {e},{f}: {v:?}"
+                );
+            }
+        }
+        Ok(values_shifted(&b, 1000.0).is_ok())
+    })
+    .await?;
+    // Cached again, and invalidated again, on the new connection.
+    values_shifted(&reader.read(&es, &fs).await?, 1000.0)?;
+    load_shifted(&writer, 2000.0).await?;
+    wait_for(
+        Duration::from_secs(5),
+        "invalidation on the new connection",
+        || async { Ok(values_shifted(&reader.read(&es, &fs).await?, 2000.0).is_ok()) },
+    )
+    .await?;
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry)?;
+    let flushes = metric(
+        &text,
+        r#"feature_store_near_cache_flushes_total{reason="disconnect"}"#,
+    );
+    ensure!(flushes >= 1.0, "{text}");
+    ensure!(
+        metric(
+            &text,
+            r#"feature_store_near_cache_invalidations_total{source="push"}"#
+        ) >= 1.0,
+        "{text}"
+    );
     Ok(())
 }

@@ -21,7 +21,8 @@ use recsys_core::features::offline::{
     PostgresOfflineStore, ReplaceSummary, WriteSummary,
 };
 use recsys_core::features::online::{
-    InProcessOnlineStore, OnlineError, OnlineStore, RedisOnlineStore, RedisOnlineStoreOptions,
+    InProcessOnlineStore, NearCacheOptions, OnlineError, OnlineStore, RedisOnlineStore,
+    RedisOnlineStoreOptions,
 };
 use recsys_core::features::registry::{
     FeatureRegistry, FeatureSpec, InProcessFeatureRegistry, Materialization,
@@ -117,6 +118,8 @@ pub struct StoreSettings {
     pub redis_url: Option<String>,
     /// Redis key prefix.
     pub redis_prefix: String,
+    /// The online store's near cache (with `redis_url`); `None`: off.
+    pub online_cache: Option<NearCacheOptions>,
     /// Postgres URL.
     pub database_url: Option<String>,
     /// Pool size.
@@ -189,16 +192,23 @@ impl Stores {
             Some(url) => {
                 let store = RedisOnlineStore::connect_lazy(
                     url,
-                    RedisOnlineStoreOptions::with_prefix(settings.redis_prefix.clone()),
+                    RedisOnlineStoreOptions {
+                        near_cache: settings.online_cache.clone(),
+                        ..RedisOnlineStoreOptions::with_prefix(settings.redis_prefix.clone())
+                    },
                 )
                 .map_err(|source| StoresError::Redis {
                     url: redact_url(url),
                     source,
                 })?;
                 description.push(format!(
-                    "online store: redis {} prefix {}",
+                    "online store: redis {} prefix {}{}",
                     redact_url(url),
-                    settings.redis_prefix
+                    settings.redis_prefix,
+                    match &settings.online_cache {
+                        Some(c) => format!(", near cache of {} entities", c.max_entries),
+                        None => String::new(),
+                    }
                 ));
                 (Arc::new(store), false)
             }
@@ -483,6 +493,7 @@ mod tests {
         StoreSettings {
             redis_url: None,
             redis_prefix: "rs".into(),
+            online_cache: None,
             database_url: None,
             database_max_connections: 2,
             data_dir: dir.to_owned(),

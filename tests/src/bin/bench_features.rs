@@ -1,7 +1,8 @@
 //! Online-feature benchmark: batch reads through the library and over HTTP against the real
-//! Redis of the test environment, and (with `--feast`) Feast's SDK and `feast serve` on the
-//! same shapes, same values, same Redis, same HTTP client, in the same run. See
-//! `tests/bench/features/README.md`.
+//! Redis of the test environment, without and with the near cache (one run per
+//! `--cache-entries` size: by default one that holds every user and one that holds a quarter),
+//! and (with `--feast`) Feast's SDK and `feast serve` on the same shapes, same values, same
+//! Redis, same HTTP client, in the same run. See `tests/bench/features/README.md`.
 //!
 //! A program that prints figures, not a timed test. Build it with `--release`.
 
@@ -19,8 +20,8 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use recsys_core::features::online::http::{BatchRequest, BatchResponse};
 use recsys_core::features::online::{
-    FeatureReader, NoFallback, OnlineFeature, OnlineStore, ReaderOptions, RedisOnlineStore,
-    RedisOnlineStoreOptions, StoreOutcome, now_ms,
+    FeatureReader, NearCacheOptions, NoFallback, OnlineFeature, OnlineStore, ReaderOptions,
+    RedisOnlineStore, RedisOnlineStoreOptions, StoreOutcome, now_ms,
 };
 use recsys_core::features::registry::{FeatureRegistry, FeatureSpec, InProcessFeatureRegistry};
 use recsys_core::features::{EntityKey, FeatureRef, FeatureValue, StoredValue};
@@ -46,6 +47,11 @@ struct Args {
     /// Concurrent connections (and library tasks) of the concurrent runs.
     #[arg(long, env = "RECSYS_BENCH_CONCURRENCY", default_value_t = 8)]
     concurrency: usize,
+    /// Near-cache sizes (entities) to measure, comma-separated; each gets its own store,
+    /// reader and HTTP server. Default: `--entities` (every user fits) and a quarter of it
+    /// (requests sample users uniformly, so about a quarter of the entities hit). 0: none.
+    #[arg(long, env = "RECSYS_BENCH_CACHE_ENTRIES", value_delimiter = ',')]
+    cache_entries: Vec<u64>,
     /// Also install Feast into a venv and measure its SDK and `feast serve`.
     #[arg(long, env = "RECSYS_BENCH_FEAST")]
     feast: bool,
@@ -103,7 +109,7 @@ fn feature_name(j: usize) -> String {
 /// Latencies of one run.
 #[derive(Clone, Debug)]
 struct Run {
-    side: &'static str,
+    side: String,
     path: &'static str,
     shape: Shape,
     concurrency: usize,
@@ -111,6 +117,8 @@ struct Run {
     wall: Duration,
     degraded: usize,
     reconnects: usize,
+    /// Near-cache hits over lookups during the timed requests.
+    hit_rate: Option<f64>,
 }
 
 impl Run {
@@ -148,12 +156,12 @@ fn find<'a>(
 fn print_table(runs: &[Run]) {
     println!();
     println!(
-        "| shape | side | path | connections | requests | p50 ms | p99 ms | requests/s | values/s | degraded | reconnects |"
+        "| shape | side | path | connections | requests | p50 ms | p99 ms | requests/s | values/s | degraded | reconnects | cache hits |"
     );
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in runs {
         println!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.0} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.0} | {:.0} | {} | {} | {} |",
             r.shape.label(),
             r.side,
             r.path,
@@ -165,6 +173,8 @@ fn print_table(runs: &[Run]) {
             r.throughput() * (r.shape.entities * r.shape.features) as f64,
             r.degraded,
             r.reconnects,
+            r.hit_rate
+                .map_or_else(|| "–".to_owned(), |h| format!("{:.1} %", h * 100.0)),
         );
     }
 }
@@ -218,6 +228,27 @@ fn print_ratios_and_targets(runs: &[Run], concurrency: usize) {
             "target p99 ≤ 3 ms for {} through HTTP (sequential): {p99:.3} ms, {}",
             a.label(),
             if p99 <= 3.0 { "met" } else { "NOT met" }
+        );
+    }
+    for r in runs.iter().filter(|r| {
+        r.hit_rate.is_some()
+            && r.concurrency == 1
+            && r.shape.entities == a.entities
+            && r.shape.features == a.features
+    }) {
+        let (p99, limit) = (r.quantile(0.99), if r.path == "HTTP" { 3.0 } else { 2.0 });
+        let uncached = find(runs, "recsys", r.path, a, 1).map(|u| u.quantile(0.99));
+        println!(
+            "target p99 ≤ {limit} ms for {} through {} with {}: {p99:.3} ms at {:.1} % hits, {}{}",
+            a.label(),
+            r.path,
+            r.side,
+            r.hit_rate.unwrap_or(0.0) * 100.0,
+            if p99 <= limit { "met" } else { "NOT met" },
+            uncached.map_or_else(String::new, |u| format!(
+                " ({:.1}× the uncached p99)",
+                p99 / u
+            )),
         );
     }
 }
@@ -486,13 +517,54 @@ struct Recsys {
     reader: Arc<FeatureReader>,
     addr: SocketAddr,
     features: Vec<OnlineFeature>,
+    cached: Vec<Cached>,
+}
+
+/// The same reads through a store with a near cache of `entries` entities, its own reader
+/// and its own scorer router.
+struct Cached {
+    side: String,
+    store: Arc<RedisOnlineStore>,
+    reader: Arc<FeatureReader>,
+    addr: SocketAddr,
+}
+
+impl Cached {
+    /// Hits and lookups so far.
+    fn lookups(&self) -> (u64, u64) {
+        self.store
+            .near_cache_stats()
+            .map_or((0, 0), |s| (s.hits, s.hits + s.misses))
+    }
+}
+
+/// A reader that never cuts a read short, served by the scorer's router on a port of its own.
+async fn serve(store: Arc<RedisOnlineStore>) -> anyhow::Result<(Arc<FeatureReader>, SocketAddr)> {
+    // A budget far above any latency measured, so that no read is cut short (a degraded
+    // read would be fast and wrong); the `degraded` column must stay 0.
+    let options = ReaderOptions {
+        budget: Duration::from_secs(5),
+        online_timeout: Duration::from_secs(4),
+        ..ReaderOptions::default()
+    };
+    let reader = Arc::new(FeatureReader::new(store, Arc::new(NoFallback), options));
+    // The same reader (and Redis connection) behind the scorer's HTTP routes.
+    let app = scorer_router(reader.clone()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("server: {e}");
+        }
+    });
+    Ok((reader, addr))
 }
 
 async fn recsys_setup(args: &Args, url: &str) -> anyhow::Result<Recsys> {
     let prefix = format!("bench-{:x}", std::process::id());
     let store = Arc::new(RedisOnlineStore::connect_lazy(
         url,
-        RedisOnlineStoreOptions::with_prefix(prefix),
+        RedisOnlineStoreOptions::with_prefix(prefix.clone()),
     )?);
     let features: Vec<OnlineFeature> = (0..FEATURES)
         .map(|j| OnlineFeature::new(FeatureRef::new(feature_name(j), 1), TTL))
@@ -529,27 +601,33 @@ async fn recsys_setup(args: &Args, url: &str) -> anyhow::Result<Recsys> {
         stats.bytes() as f64 / 1e6,
         stats.bytes() / stats.keys().max(1)
     );
-    // A budget far above any latency measured, so that no read is cut short (a degraded
-    // read would be fast and wrong); the `degraded` column must stay 0.
-    let options = ReaderOptions {
-        budget: Duration::from_secs(5),
-        online_timeout: Duration::from_secs(4),
-        ..ReaderOptions::default()
+    let (reader, addr) = serve(store.clone()).await?;
+    let sizes = if args.cache_entries.is_empty() {
+        vec![args.entities as u64, (args.entities as u64 / 4).max(1)]
+    } else {
+        args.cache_entries
+            .iter()
+            .copied()
+            .filter(|&n| n > 0)
+            .collect()
     };
-    let reader = Arc::new(FeatureReader::new(
-        store.clone(),
-        Arc::new(NoFallback),
-        options,
-    ));
-    // The same reader (and Redis connection) behind the scorer's HTTP routes.
-    let app = scorer_router(reader.clone()).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            eprintln!("server: {e}");
-        }
-    });
+    let mut cached = Vec::new();
+    for entries in sizes {
+        let store = Arc::new(RedisOnlineStore::connect_lazy(
+            url,
+            RedisOnlineStoreOptions {
+                near_cache: Some(NearCacheOptions::with_entries(entries)),
+                ..RedisOnlineStoreOptions::with_prefix(prefix.clone())
+            },
+        )?);
+        let (reader, addr) = serve(store.clone()).await?;
+        cached.push(Cached {
+            side: format!("recsys + near cache of {entries}"),
+            store,
+            reader,
+            addr,
+        });
+    }
     let raw = recsys_core::stores::redis(&recsys_core::stores::RedisArgs {
         url: url.to_owned(),
     })
@@ -560,37 +638,79 @@ async fn recsys_setup(args: &Args, url: &str) -> anyhow::Result<Recsys> {
         reader,
         addr,
         features,
+        cached,
     })
 }
 
 async fn recsys_check(r: &Recsys) -> anyhow::Result<()> {
-    // The library and the HTTP routes return what was written.
-    let b = r
-        .reader
-        .read(&[user(7)], &r.features[..3])
-        .await
-        .context("library read")?;
-    ensure!(
-        b.get(0, 2).value == Some(FeatureValue::Float(value(7, 2))),
-        "{:?}",
-        b.get(0, 2)
+    // The library and the HTTP routes return what was written, with and without the near
+    // cache (twice for the cache: filled, then served from it).
+    let paths = std::iter::once(("recsys", &r.reader, r.addr)).chain(
+        r.cached
+            .iter()
+            .map(|c| (c.side.as_str(), &c.reader, c.addr)),
     );
-    let body = serde_json::to_vec(&BatchRequest {
-        entities: vec![user(7), user(8)],
-        features: vec![feature_name(0), format!("{}@v1", feature_name(249))],
-    })?;
-    let resp: BatchResponse = http_once(r.addr, "/v1/features/batch", body.into()).await?;
-    let got = serde_json::to_value(&resp.rows[1].values[1])?;
-    ensure!(
-        // serde_json parses floats to within an ulp (no `float_roundtrip`).
-        got.as_f64()
-            .is_some_and(|g| (g - value(8, 249)).abs() < 1e-9),
-        "HTTP returned {got} for u8/f249"
-    );
+    for (side, reader, addr) in paths {
+        for _ in 0..2 {
+            let b = reader
+                .read(&[user(7)], &r.features[..3])
+                .await
+                .with_context(|| format!("{side}: library read"))?;
+            ensure!(
+                b.get(0, 2).value == Some(FeatureValue::Float(value(7, 2))),
+                "{side}: {:?}",
+                b.get(0, 2)
+            );
+            let body = serde_json::to_vec(&BatchRequest {
+                entities: vec![user(7), user(8)],
+                features: vec![feature_name(0), format!("{}@v1", feature_name(249))],
+            })?;
+            let resp: BatchResponse = http_once(addr, "/v1/features/batch", body.into()).await?;
+            let got = serde_json::to_value(&resp.rows[1].values[1])?;
+            ensure!(
+                // serde_json parses floats to within an ulp (no `float_roundtrip`).
+                got.as_f64()
+                    .is_some_and(|g| (g - value(8, 249)).abs() < 1e-9),
+                "{side}: HTTP returned {got} for u8/f249"
+            );
+        }
+    }
     Ok(())
 }
 
+/// One reader (and its HTTP server) to measure.
+struct Target<'a> {
+    side: String,
+    reader: Arc<FeatureReader>,
+    addr: SocketAddr,
+    cache: Option<&'a Cached>,
+}
+
+impl Target<'_> {
+    fn lookups(&self) -> Option<(u64, u64)> {
+        self.cache.map(Cached::lookups)
+    }
+}
+
+fn hit_rate(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((h0, n0), (h1, n1)) = (before?, after?);
+    Some((h1 - h0) as f64 / (n1 - n0).max(1) as f64)
+}
+
 async fn recsys_runs(args: &Args, r: &Recsys) -> anyhow::Result<Vec<Run>> {
+    let targets: Vec<Target> = std::iter::once(Target {
+        side: "recsys".into(),
+        reader: r.reader.clone(),
+        addr: r.addr,
+        cache: None,
+    })
+    .chain(r.cached.iter().map(|c| Target {
+        side: c.side.clone(),
+        reader: c.reader.clone(),
+        addr: c.addr,
+        cache: Some(c),
+    }))
+    .collect();
     let mut runs = Vec::new();
     for (s, shape) in SHAPES.into_iter().enumerate() {
         let features = Arc::new(r.features[..shape.features].to_vec());
@@ -618,7 +738,7 @@ async fn recsys_runs(args: &Args, r: &Recsys) -> anyhow::Result<Vec<Run>> {
             floor(warm_ids).await?;
             let (lat, wall) = floor(timed_ids).await?;
             runs.push(Run {
-                side: "Redis floor",
+                side: "Redis floor".into(),
                 path: "raw HMGET",
                 shape,
                 concurrency: conc,
@@ -626,34 +746,39 @@ async fn recsys_runs(args: &Args, r: &Recsys) -> anyhow::Result<Vec<Run>> {
                 wall,
                 degraded: 0,
                 reconnects: 0,
+                hit_rate: None,
             });
         }
         let (warm, timed) = keys.split_at(args.warmup);
-        for conc in [1, args.concurrency] {
-            library_load(
-                r.reader.clone(),
-                Arc::new(warm.to_vec()),
-                features.clone(),
-                conc,
-            )
-            .await?;
-            let (lat, wall, degraded) = library_load(
-                r.reader.clone(),
-                Arc::new(timed.to_vec()),
-                features.clone(),
-                conc,
-            )
-            .await?;
-            runs.push(Run {
-                side: "recsys",
-                path: "library",
-                shape,
-                concurrency: conc,
-                latencies_ms: lat,
-                wall,
-                degraded,
-                reconnects: 0,
-            });
+        for t in &targets {
+            for conc in [1, args.concurrency] {
+                library_load(
+                    t.reader.clone(),
+                    Arc::new(warm.to_vec()),
+                    features.clone(),
+                    conc,
+                )
+                .await?;
+                let before = t.lookups();
+                let (lat, wall, degraded) = library_load(
+                    t.reader.clone(),
+                    Arc::new(timed.to_vec()),
+                    features.clone(),
+                    conc,
+                )
+                .await?;
+                runs.push(Run {
+                    side: t.side.clone(),
+                    path: "library",
+                    shape,
+                    concurrency: conc,
+                    latencies_ms: lat,
+                    wall,
+                    degraded,
+                    reconnects: 0,
+                    hit_rate: hit_rate(before, t.lookups()),
+                });
+            }
         }
         let names: Vec<String> = features.iter().map(|f| f.feature.name.clone()).collect();
         let bodies: Vec<Bytes> = keys
@@ -667,20 +792,37 @@ async fn recsys_runs(args: &Args, r: &Recsys) -> anyhow::Result<Vec<Run>> {
             })
             .collect::<Result<_, _>>()?;
         let (warm, timed) = bodies.split_at(args.warmup);
-        for conc in [1, args.concurrency] {
-            http_load(r.addr, "/v1/features/batch", Arc::new(warm.to_vec()), conc).await?;
-            let (lat, wall, reconnects) =
-                http_load(r.addr, "/v1/features/batch", Arc::new(timed.to_vec()), conc).await?;
-            runs.push(Run {
-                side: "recsys",
-                path: "HTTP",
-                shape,
-                concurrency: conc,
-                latencies_ms: lat,
-                wall,
-                degraded: 0,
-                reconnects,
-            });
+        for t in &targets {
+            for conc in [1, args.concurrency] {
+                http_load(t.addr, "/v1/features/batch", Arc::new(warm.to_vec()), conc).await?;
+                let before = t.lookups();
+                let (lat, wall, reconnects) =
+                    http_load(t.addr, "/v1/features/batch", Arc::new(timed.to_vec()), conc).await?;
+                runs.push(Run {
+                    side: t.side.clone(),
+                    path: "HTTP",
+                    shape,
+                    concurrency: conc,
+                    latencies_ms: lat,
+                    wall,
+                    degraded: 0,
+                    reconnects,
+                    hit_rate: hit_rate(before, t.lookups()),
+                });
+            }
+        }
+    }
+    for c in &r.cached {
+        if let Some(st) = c.store.near_cache_stats() {
+            println!(
+                "{}: {} entities held (~{:.1} MB), {} evictions, {} invalidations, hit rate {:.1} % overall",
+                c.side,
+                st.entries,
+                st.bytes as f64 / 1e6,
+                st.evictions,
+                st.push_invalidations + st.local_invalidations,
+                st.hit_rate() * 100.0
+            );
         }
     }
     Ok(runs)
@@ -843,7 +985,7 @@ impl Feast {
         // Sequential: the wall time is the sum of the latencies.
         let wall = Duration::from_secs_f64(lat.iter().sum::<f64>() / 1000.0);
         Ok(Run {
-            side: "Feast",
+            side: "Feast".into(),
             path: "SDK",
             shape,
             concurrency: 1,
@@ -851,6 +993,7 @@ impl Feast {
             wall,
             degraded: 0,
             reconnects: 0,
+            hit_rate: None,
         })
     }
 
@@ -931,7 +1074,7 @@ impl Feast {
                 let (lat, wall, reconnects) =
                     http_load(addr, "/get-online-features", Arc::new(timed.to_vec()), conc).await?;
                 runs.push(Run {
-                    side: "Feast",
+                    side: "Feast".into(),
                     path: "HTTP",
                     shape,
                     concurrency: conc,
@@ -939,6 +1082,7 @@ impl Feast {
                     wall,
                     degraded: 0,
                     reconnects,
+                    hit_rate: None,
                 });
             }
         }
@@ -1101,7 +1245,7 @@ mod tests {
     #[test]
     fn quantiles_and_samples() {
         let run = Run {
-            side: "x",
+            side: "x".into(),
             path: "y",
             shape: SHAPES[0],
             concurrency: 1,
@@ -1109,6 +1253,7 @@ mod tests {
             wall: Duration::from_secs(1),
             degraded: 0,
             reconnects: 0,
+            hit_rate: None,
         };
         assert_eq!(run.quantile(0.5), 50.0);
         assert_eq!(run.quantile(0.99), 99.0);

@@ -10,9 +10,18 @@
 //! | `feature_store_errors_total` | `kind` ([`super::OnlineError::kind`]) | errors, corrupt values included |
 //! | `feature_store_circuit_open` | | 1 while the online store is being skipped |
 //! | `feature_store_keys`, `feature_store_bytes` | `feature`, `major` | stored values and bytes (from [`super::OnlineStore::stats`]) |
+//! | `feature_store_near_cache_lookups_total` | `result` = `hit` \| `miss` | entities looked up in the near cache (a miss is read from Redis) |
+//! | `feature_store_near_cache_evictions_total` | `reason` = `capacity` \| `expired` | entities dropped to stay within the bounds, or older than `max_age` |
+//! | `feature_store_near_cache_invalidations_total` | `source` = `push` \| `local` | entities invalidated by a Redis push (a write by any process) or by this process's own write |
+//! | `feature_store_near_cache_flushes_total` | `reason` = `disconnect` \| `flushdb` \| `untrusted_push` \| `invalidate_feature` \| `clear` \| `tracking_refused` | whole-cache flushes |
+//! | `feature_store_near_cache_entries`, `feature_store_near_cache_bytes` | | entities held and their estimated bytes |
 //!
-//! Cache hit rate: `sum(rate(feature_store_values_total{freshness=~"fresh|stale"}[5m])) /
+//! Online-store hit rate (values found, stale or fresh): `sum(rate(feature_store_values_total{freshness=~"fresh|stale"}[5m])) /
 //! sum(rate(feature_store_values_total[5m]))` (or `freshness="fresh"` alone for fresh hits).
+//! Near-cache hit rate (entities served without Redis):
+//! `rate(feature_store_near_cache_lookups_total{result="hit"}[5m]) /
+//! sum(rate(feature_store_near_cache_lookups_total[5m]))`. The near-cache families stay at zero
+//! when the store has no near cache.
 //!
 //! Labels are bounded: `feature` and `major` come from the registry (every feature version
 //! defined, a few hundred at most, times four freshness values), never from a request's
@@ -52,6 +61,21 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FeatureLabels {
     feature: String,
     major: u64,
@@ -85,6 +109,7 @@ pub struct OnlineMetrics {
     circuit_open: Gauge,
     keys: Family<FeatureLabels, Gauge>,
     bytes: Family<FeatureLabels, Gauge>,
+    near_cache: NearCacheMetrics,
 }
 
 impl Default for OnlineMetrics {
@@ -106,7 +131,13 @@ impl OnlineMetrics {
             circuit_open: Gauge::default(),
             keys: Family::default(),
             bytes: Family::default(),
+            near_cache: NearCacheMetrics::default(),
         }
+    }
+
+    /// The near cache's part (given to the store by [`super::OnlineStore::attach_metrics`]).
+    pub fn near_cache(&self) -> &NearCacheMetrics {
+        &self.near_cache
     }
 
     /// Registers every metric (names in the module documentation).
@@ -156,6 +187,7 @@ impl OnlineMetrics {
             "Bytes used in the online store, per feature version",
             self.bytes.clone(),
         );
+        self.near_cache.register(registry);
     }
 
     pub(crate) fn request(&self, outcome: &'static str) {
@@ -218,5 +250,85 @@ impl OnlineMetrics {
                 .get_or_create(&labels)
                 .set(i64::try_from(s.bytes).unwrap_or(i64::MAX));
         }
+    }
+}
+
+/// The metrics of a near cache (clone-cheap handles; registered with [`OnlineMetrics`]).
+#[derive(Clone, Debug, Default)]
+pub struct NearCacheMetrics {
+    lookups: Family<ResultLabels, Counter>,
+    evictions: Family<ReasonLabels, Counter>,
+    invalidations: Family<SourceLabels, Counter>,
+    flushes: Family<ReasonLabels, Counter>,
+    entries: Gauge,
+    bytes: Gauge,
+}
+
+impl NearCacheMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "feature_store_near_cache_lookups",
+            "Entities looked up in the near cache, by result (a miss is read from Redis)",
+            self.lookups.clone(),
+        );
+        registry.register(
+            "feature_store_near_cache_evictions",
+            "Entities dropped from the near cache to stay within its bounds or its maximum age",
+            self.evictions.clone(),
+        );
+        registry.register(
+            "feature_store_near_cache_invalidations",
+            "Entities invalidated in the near cache, by source (Redis push or own write)",
+            self.invalidations.clone(),
+        );
+        registry.register(
+            "feature_store_near_cache_flushes",
+            "Whole near-cache flushes, by reason",
+            self.flushes.clone(),
+        );
+        registry.register(
+            "feature_store_near_cache_entries",
+            "Entities held in the near cache",
+            self.entries.clone(),
+        );
+        registry.register(
+            "feature_store_near_cache_bytes",
+            "Estimated bytes held in the near cache",
+            self.bytes.clone(),
+        );
+    }
+
+    pub(crate) fn lookups(&self, hits: u64, misses: u64) {
+        if hits > 0 {
+            self.lookups
+                .get_or_create(&ResultLabels { result: "hit" })
+                .inc_by(hits);
+        }
+        if misses > 0 {
+            self.lookups
+                .get_or_create(&ResultLabels { result: "miss" })
+                .inc_by(misses);
+        }
+    }
+
+    pub(crate) fn eviction(&self, reason: &'static str) {
+        self.evictions.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub(crate) fn invalidations(&self, source: &'static str, n: u64) {
+        if n > 0 {
+            self.invalidations
+                .get_or_create(&SourceLabels { source })
+                .inc_by(n);
+        }
+    }
+
+    pub(crate) fn flush(&self, reason: &'static str) {
+        self.flushes.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub(crate) fn size(&self, entries: u64, bytes: u64) {
+        self.entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 }

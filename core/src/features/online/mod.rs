@@ -77,12 +77,57 @@
 //! serving go back in time. To roll a feature back on purpose, invalidate it, then write.
 //! In Redis the comparison and the `HSET` run in one Lua script (`EVAL`) per batch of 1,000
 //! values, so a write is one round trip per batch (Feast reads the old timestamps first: two).
+//!
+//! # Near cache
+//!
+//! [`RedisOnlineStoreOptions::near_cache`] puts an in-process cache of entity hashes in front
+//! of Redis (off by default in the library; the scorer turns it on, `--online-cache-entries`).
+//! A read serves the entities it holds with every requested field from memory and sends the
+//! others to Redis in one pipeline, then merges; a read of cached entities only makes no
+//! round trip at all. What it holds is what Redis returned (absent fields included), so
+//! retention and freshness behave exactly as without it: values past `TTL ×
+//! retention_factor` are dropped when served, and [`FeatureReader`] classifies each value's
+//! age at read time.
+//!
+//! Correctness comes from Redis (server-assisted client-side caching): the store's connection
+//! speaks RESP3 and every pipeline that reads uncached entities starts with `CLIENT TRACKING
+//! ON`, so Redis remembers the keys read on that connection, whichever it is, and pushes an
+//! `invalidate` message when any client changes or deletes one of them (a trainer job's
+//! write, an expiry, an `HDEL`). The push drops the entity. (Default tracking rather than
+//! `BCAST` with the key prefix: Redis then pushes only for keys this process has read, not for
+//! every value a backfill writes; its tracking table is bounded by `tracking-table-max-keys`,
+//! and a key it forgets is pushed as invalidated.) Around that:
+//! - A read registers its keys before sending; an invalidation that arrives while it is in
+//!   flight keeps its answer out of the cache (the answer may predate the write), so a value
+//!   written by any process stops being served within the time a push takes to arrive.
+//! - This store's own writes and invalidations drop the entities they touch as soon as they
+//!   return (read-your-writes without waiting for the push); `invalidate_feature` and
+//!   `clear` empty the cache.
+//! - A lost connection empties the cache, as does a `FLUSHDB`/`FLUSHALL` (Redis pushes a null)
+//!   or a push that cannot be read: invalidations sent on a dead connection are lost, and
+//!   reads that began before the flush store nothing.
+//! - As a backstop, an entity is read again after `max_age` (default 60 s) even if no
+//!   invalidation came.
+//! - A Redis that refuses `CLIENT TRACKING` (its ACL) turns the cache off with a warning;
+//!   reads then go to Redis. RESP3 needs Redis 6 or later.
+//!
+//! Bounds: `max_entries` entities and `max_bytes` estimated bytes (an entity larger than
+//! `max_bytes / max_entries` counts as several entries), evicted by `quick_cache`'s
+//! S3-FIFO-like policy (scan-resistant, frequency-aware; chosen over `moka` for its lower
+//! cost per lookup on the read path and a bound enforced at insertion rather than by
+//! background housekeeping). redis-rs's own `cache-aio` cache was not used: it stores an
+//! answer after the invalidation of the same key may already have been handled (a stale
+//! value then stays until its client-side TTL), keys its entries by whole command (one entry
+//! per feature list) and sends a `PTTL` per cached command. Metrics:
+//! `feature_store_near_cache_*` (hits, misses, evictions, invalidations, flushes, size; see
+//! [`OnlineMetrics`]), and [`RedisOnlineStore::near_cache_stats`].
 
 mod codec;
 mod fallback;
 pub mod http;
 mod memory;
 mod metrics;
+mod near_cache;
 mod reader;
 mod redis_store;
 mod warm;
@@ -99,7 +144,8 @@ pub use codec::{
 };
 pub use fallback::{Fallback, FallbackChain, MemoryFallback, NoFallback, OfflineFallback};
 pub use memory::InProcessOnlineStore;
-pub use metrics::{OnlineMetrics, freshness_label};
+pub use metrics::{NearCacheMetrics, OnlineMetrics, freshness_label};
+pub use near_cache::{NearCacheOptions, NearCacheStats};
 pub use reader::{FeatureBatch, FeatureReader, ReaderOptions, ServedValue, StoreOutcome, classify};
 pub use redis_store::{RedisOnlineStore, RedisOnlineStoreOptions};
 pub use warm::{WarmReport, warm_from_offline};
@@ -386,6 +432,11 @@ pub trait OnlineStore: Send + Sync + 'static {
 
     /// Keys and bytes per feature version (walks the keyspace).
     async fn stats(&self) -> Result<StoreStats, OnlineError>;
+
+    /// Publishes the store's own metrics (the near cache's) through `metrics` from now on;
+    /// [`FeatureReader`] calls it with its metrics. Stores without metrics of their own
+    /// ignore it.
+    fn attach_metrics(&self, _metrics: &OnlineMetrics) {}
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -287,17 +287,21 @@ impl FeatureReader {
         fallback: Arc<dyn Fallback>,
         options: ReaderOptions,
     ) -> Self {
+        let metrics = OnlineMetrics::new();
+        store.attach_metrics(&metrics);
         Self {
             breaker: Breaker::new(&options),
             store,
             fallback,
             options,
-            metrics: OnlineMetrics::new(),
+            metrics,
         }
     }
 
-    /// Uses `metrics` (already registered, or to be) instead of private ones.
+    /// Uses `metrics` (already registered, or to be) instead of private ones; the store's own
+    /// metrics (its near cache's) are published through them too.
     pub fn with_metrics(mut self, metrics: OnlineMetrics) -> Self {
+        self.store.attach_metrics(&metrics);
         self.metrics = metrics;
         self
     }

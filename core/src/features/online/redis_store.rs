@@ -1,21 +1,25 @@
 //! The Redis online store: one hash per entity, one field per feature version (see the key
 //! schema in the parent module). A batch read is one pipeline of `HMGET`s (one per entity);
-//! a write is one Lua script call per 1,000 values.
+//! a write is one Lua script call per 1,000 values. With a near cache, the pipeline holds only
+//! the entities not cached (see "Near cache" in the parent module).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
+use redis::{IntoConnectionInfo as _, ProtocolVersion, PushInfo};
 
 use crate::features::{EntityKey, EntityKind, FeatureRef, StoredValue};
 use crate::stores::redact_url;
 
 use super::codec::{self, HEADER_LEN};
+use super::near_cache::{NearCache, NearCacheOptions, NearCacheStats};
 use super::{
     DEFAULT_PREFIX, DEFAULT_RETENTION_FACTOR, FeatureStats, OnlineError, OnlineFeature,
-    OnlineStore, StoreStats, ValueMatrix, WriteReport, now_ms, retention_ms, validate_online,
-    validate_read,
+    OnlineMetrics, OnlineStore, StoreStats, ValueMatrix, WriteReport, now_ms, retention_ms,
+    validate_online, validate_read,
 };
 
 /// Compare-and-set of one feature version for a batch of entities. `KEYS[i]`: entity hashes;
@@ -73,6 +77,11 @@ pub struct RedisOnlineStoreOptions {
     /// Entity hashes per kind read in full by [`OnlineStore::stats`]; beyond that, figures
     /// are scaled from this sample.
     pub stats_sample: usize,
+    /// An in-process cache of entity hashes in front of Redis, invalidated by Redis (RESP3
+    /// `CLIENT TRACKING`, Redis 6 or later); `None` (the default): every read goes to Redis.
+    /// Only [`RedisOnlineStore::connect_lazy`] can set it up (it needs a connection of its
+    /// own); see "Near cache" in the module documentation.
+    pub near_cache: Option<NearCacheOptions>,
 }
 
 impl Default for RedisOnlineStoreOptions {
@@ -83,6 +92,7 @@ impl Default for RedisOnlineStoreOptions {
             write_batch: 1000,
             writes_in_flight: 4,
             stats_sample: 1000,
+            near_cache: None,
         }
     }
 }
@@ -102,50 +112,104 @@ impl RedisOnlineStoreOptions {
 pub struct RedisOnlineStore {
     conn: ConnectionManager,
     options: RedisOnlineStoreOptions,
+    cache: Option<Arc<NearCache>>,
 }
 
 impl std::fmt::Debug for RedisOnlineStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisOnlineStore")
             .field("options", &self.options)
+            .field("near_cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
 
+fn check_options(options: &RedisOnlineStoreOptions) -> Result<(), OnlineError> {
+    codec::validate_prefix(&options.prefix)?;
+    if options.write_batch == 0 || options.writes_in_flight == 0 || options.stats_sample == 0 {
+        return Err(OnlineError::InvalidArgument(
+            "write_batch, writes_in_flight and stats_sample must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl RedisOnlineStore {
-    /// A store over an open connection (for example from [`crate::stores::redis`]).
+    /// A store over an open connection (for example from [`crate::stores::redis`]). A near
+    /// cache cannot be set up here (it needs a RESP3 connection with a push handler of its
+    /// own): use [`RedisOnlineStore::connect_lazy`] for one.
     pub fn new(
         conn: ConnectionManager,
         options: RedisOnlineStoreOptions,
     ) -> Result<Self, OnlineError> {
-        codec::validate_prefix(&options.prefix)?;
-        if options.write_batch == 0 || options.writes_in_flight == 0 || options.stats_sample == 0 {
+        check_options(&options)?;
+        if options.near_cache.is_some() {
             return Err(OnlineError::InvalidArgument(
-                "write_batch, writes_in_flight and stats_sample must be positive".into(),
+                "a near cache needs a RESP3 connection that delivers Redis's invalidation pushes \
+                 to it: build the store with RedisOnlineStore::connect_lazy"
+                    .into(),
             ));
         }
-        Ok(Self { conn, options })
+        Ok(Self {
+            conn,
+            options,
+            cache: None,
+        })
     }
 
     /// A store whose connection is made on first use, so that a process starts (and serves
     /// from its fallback) while Redis is down. Connection attempts time out after 500 ms and
     /// are retried twice (100 ms to 1 s apart) per reconnection; commands time out after 5 s
-    /// (the [`super::FeatureReader`] budget is much shorter).
+    /// (the [`super::FeatureReader`] budget is much shorter). With
+    /// [`RedisOnlineStoreOptions::near_cache`], the connection speaks RESP3 and hands Redis's
+    /// invalidation pushes and disconnections to the cache.
     pub fn connect_lazy(url: &str, options: RedisOnlineStoreOptions) -> Result<Self, OnlineError> {
+        check_options(&options)?;
         let err = |source| OnlineError::Command {
             op: "connect",
             source,
         };
-        let client = redis::Client::open(url).map_err(err)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
+        let mut config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(100))
             .set_max_delay(Duration::from_secs(1));
+        let (client, cache) = match &options.near_cache {
+            None => (redis::Client::open(url).map_err(err)?, None),
+            Some(near) => {
+                let cache = Arc::new(NearCache::new(near, &options.prefix)?);
+                let info = url.into_connection_info().map_err(err)?;
+                let resp3 = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(resp3)).map_err(err)?;
+                let handler = cache.clone();
+                config = config.set_push_sender(move |push: PushInfo| {
+                    handler.on_push(&push);
+                    Ok::<(), std::convert::Infallible>(())
+                });
+                (client, Some(cache))
+            }
+        };
         let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(err)?;
-        tracing::debug!(url = %redact_url(url), prefix = %options.prefix, "redis online store");
-        Self::new(conn, options)
+        tracing::debug!(
+            url = %redact_url(url),
+            prefix = %options.prefix,
+            near_cache = ?options.near_cache,
+            "redis online store"
+        );
+        Ok(Self {
+            conn,
+            options,
+            cache,
+        })
+    }
+
+    /// What the near cache did so far; `None` without one.
+    pub fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
     }
 
     /// The key prefix.
@@ -156,6 +220,14 @@ impl RedisOnlineStore {
     /// Removes every key under this store's prefix (all entities, all feature versions);
     /// returns how many keys. For tests, benchmarks and decommissioning an installation.
     pub async fn clear(&self) -> Result<u64, OnlineError> {
+        let result = self.unlink_all().await;
+        if let Some(cache) = &self.cache {
+            cache.flush("clear");
+        }
+        result
+    }
+
+    async fn unlink_all(&self) -> Result<u64, OnlineError> {
         let pattern = format!("{}:*", self.options.prefix);
         let mut conn = self.conn.clone();
         let (mut cursor, mut removed) = (0u64, 0u64);
@@ -254,29 +326,20 @@ impl OnlineStore for RedisOnlineStore {
         for (entity, _) in values {
             codec::validate_entity(entity)?;
         }
-        let now = now_ms();
-        let field = codec::field(feature);
-        let mut total = WriteReport::default();
-        // Waves of `writes_in_flight` script calls of `write_batch` values each.
-        for wave in values.chunks(self.options.write_batch * self.options.writes_in_flight) {
-            let mut calls = Vec::new();
-            for chunk in wave.chunks(self.options.write_batch) {
-                let (cmd, expired) = self.write_command(&field, retention, now, chunk);
-                total.expired += expired;
-                if let Some(cmd) = cmd {
-                    let mut conn = self.conn.clone();
-                    calls.push(async move { cmd.query_async::<(u64, u64)>(&mut conn).await });
-                }
+        let result = self.write_values(feature, retention, values).await;
+        // Read-your-writes: whatever the outcome (a failed batch may have written part), the
+        // entities written are dropped from the near cache now, before Redis's own
+        // invalidation push arrives.
+        if let Some(cache) = &self.cache {
+            let mut key = Vec::with_capacity(128);
+            for (entity, _) in values {
+                key.clear();
+                codec::push_entity_key(&mut key, &self.options.prefix, entity);
+                cache.invalidate(&key, "local");
             }
-            for (written, kept) in futures::future::try_join_all(calls)
-                .await
-                .map_err(|e| OnlineError::redis("write", e))?
-            {
-                total.written += written;
-                total.kept_newer += kept;
-            }
+            cache.publish_size();
         }
-        Ok(total)
+        result
     }
 
     async fn read_batch(
@@ -286,72 +349,27 @@ impl OnlineStore for RedisOnlineStore {
     ) -> Result<ValueMatrix, OnlineError> {
         validate_online(entities, features)?;
         let width = features.len();
-        let total = entities.len() * width;
-        if total == 0 {
+        if entities.is_empty() || width == 0 {
             return Ok(ValueMatrix::new(width, Vec::new()));
         }
         let fields: Vec<String> = features.iter().map(|f| codec::field(&f.feature)).collect();
-        let mut pipe = redis::pipe();
-        let mut key = Vec::with_capacity(128);
-        for entity in entities {
-            key.clear();
-            codec::push_entity_key(&mut key, &self.options.prefix, entity);
-            let cmd = pipe.cmd("HMGET").arg(&key[..]);
-            for field in &fields {
-                cmd.arg(field.as_str());
-            }
-        }
-        let mut conn = self.conn.clone();
-        let replies: Vec<Vec<Option<Vec<u8>>>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| OnlineError::redis("read", e))?;
-        let now = now_ms();
-        let oldest: Vec<i64> = features
-            .iter()
-            .map(|f| retention_ms(f.ttl, self.options.retention_factor).map(|r| now - r))
-            .collect::<Result<_, _>>()?;
-        let mut cells = Vec::with_capacity(total);
-        let mut corrupt = Vec::new();
-        for (e, row) in replies.into_iter().enumerate() {
-            if row.len() != width {
-                return Err(OnlineError::Corrupt {
-                    key: codec::entity_key(&self.options.prefix, &entities[e]),
-                    reason: format!("HMGET returned {} values for {width} fields", row.len()),
-                });
-            }
-            for (f, bytes) in row.into_iter().enumerate() {
-                cells.push(match bytes {
-                    None => None,
-                    Some(bytes) => {
-                        let key = || {
-                            format!(
-                                "{} {}",
-                                codec::entity_key(&self.options.prefix, &entities[e]),
-                                fields[f]
-                            )
-                        };
-                        match codec::decode_lazy(&bytes, key) {
-                            Ok(v) if v.event_time_ms >= oldest[f] => Some(v),
-                            Ok(_) => None,
-                            Err(err) => {
-                                corrupt.push(err);
-                                None
-                            }
-                        }
+        match &self.cache {
+            Some(cache) if cache.enabled() => {
+                match self.read_cached(cache, entities, features, &fields).await {
+                    Err(CachedReadError::TrackingRefused(e)) => {
+                        tracing::warn!(
+                            error = %e,
+                            "redis refused CLIENT TRACKING; near cache turned off, reads go to redis"
+                        );
+                        cache.disable();
+                        self.read_uncached(entities, features, &fields).await
                     }
-                });
+                    Err(CachedReadError::Online(e)) => Err(e),
+                    Ok(m) => Ok(m),
+                }
             }
+            _ => self.read_uncached(entities, features, &fields).await,
         }
-        if cells.len() != total {
-            return Err(OnlineError::Corrupt {
-                key: "(HMGET replies)".into(),
-                reason: format!("{} values for {total} cells", cells.len()),
-            });
-        }
-        let mut matrix = ValueMatrix::new(width, cells);
-        matrix.corrupt = corrupt;
-        Ok(matrix)
     }
 
     async fn invalidate_entity(
@@ -363,42 +381,37 @@ impl OnlineStore for RedisOnlineStore {
         if features.is_empty() {
             return Ok(0);
         }
+        let key = codec::entity_key(&self.options.prefix, entity);
         let mut cmd = redis::cmd("HDEL");
-        cmd.arg(codec::entity_key(&self.options.prefix, entity));
+        cmd.arg(&key);
         for f in features {
             cmd.arg(codec::field(f));
         }
         let mut conn = self.conn.clone();
-        cmd.query_async(&mut conn)
+        let result = cmd
+            .query_async(&mut conn)
             .await
-            .map_err(|e| OnlineError::redis("invalidate", e))
+            .map_err(|e| OnlineError::redis("invalidate", e));
+        if let Some(cache) = &self.cache {
+            cache.invalidate(key.as_bytes(), "local");
+            cache.publish_size();
+        }
+        result
     }
 
     async fn invalidate_feature(&self, feature: &FeatureRef) -> Result<u64, OnlineError> {
         codec::validate_feature(feature)?;
-        let field = codec::field(feature);
-        let pattern = codec::entity_pattern(&self.options.prefix);
-        let mut conn = self.conn.clone();
-        let (mut cursor, mut removed) = (0u64, 0u64);
-        loop {
-            let (next, keys) = self
-                .scan_page(&mut conn, "invalidate", &pattern, cursor)
-                .await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for key in &keys {
-                    pipe.cmd("HDEL").arg(&key[..]).arg(&field);
-                }
-                let counts: Vec<u64> = pipe
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| OnlineError::redis("invalidate", e))?;
-                removed += counts.iter().sum::<u64>();
-            }
-            if next == 0 {
-                return Ok(removed);
-            }
-            cursor = next;
+        let result = self.delete_field_everywhere(feature).await;
+        // Every entity may have lost a field: start afresh (a rare admin operation).
+        if let Some(cache) = &self.cache {
+            cache.flush("invalidate_feature");
+        }
+        result
+    }
+
+    fn attach_metrics(&self, metrics: &OnlineMetrics) {
+        if let Some(cache) = &self.cache {
+            cache.attach(metrics.near_cache().clone());
         }
     }
 
@@ -484,5 +497,264 @@ impl OnlineStore for RedisOnlineStore {
                 })
                 .collect(),
         })
+    }
+}
+
+/// Why a read through the near cache failed.
+enum CachedReadError {
+    /// Redis refused `CLIENT TRACKING` (too old, or not allowed by its ACL).
+    TrackingRefused(redis::RedisError),
+    /// Anything else, as an uncached read would report it.
+    Online(OnlineError),
+}
+
+impl RedisOnlineStore {
+    /// The script calls of a write, `writes_in_flight` at a time.
+    async fn write_values(
+        &self,
+        feature: &FeatureRef,
+        retention: i64,
+        values: &[(EntityKey, StoredValue)],
+    ) -> Result<WriteReport, OnlineError> {
+        let now = now_ms();
+        let field = codec::field(feature);
+        let mut total = WriteReport::default();
+        // Waves of `writes_in_flight` script calls of `write_batch` values each.
+        for wave in values.chunks(self.options.write_batch * self.options.writes_in_flight) {
+            let mut calls = Vec::new();
+            for chunk in wave.chunks(self.options.write_batch) {
+                let (cmd, expired) = self.write_command(&field, retention, now, chunk);
+                total.expired += expired;
+                if let Some(cmd) = cmd {
+                    let mut conn = self.conn.clone();
+                    calls.push(async move { cmd.query_async::<(u64, u64)>(&mut conn).await });
+                }
+            }
+            for (written, kept) in futures::future::try_join_all(calls)
+                .await
+                .map_err(|e| OnlineError::redis("write", e))?
+            {
+                total.written += written;
+                total.kept_newer += kept;
+            }
+        }
+        Ok(total)
+    }
+
+    /// A read straight from Redis: one pipeline, one `HMGET` per entity.
+    async fn read_uncached(
+        &self,
+        entities: &[EntityKey],
+        features: &[OnlineFeature],
+        fields: &[String],
+    ) -> Result<ValueMatrix, OnlineError> {
+        let width = features.len();
+        let total = entities.len() * width;
+        let mut pipe = redis::pipe();
+        let mut key = Vec::with_capacity(128);
+        for entity in entities {
+            key.clear();
+            codec::push_entity_key(&mut key, &self.options.prefix, entity);
+            let cmd = pipe.cmd("HMGET").arg(&key[..]);
+            for field in fields {
+                cmd.arg(field.as_str());
+            }
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Vec<Option<Vec<u8>>>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| OnlineError::redis("read", e))?;
+        let oldest = self.oldest(features, now_ms())?;
+        let mut cells = Vec::with_capacity(total);
+        let mut corrupt = Vec::new();
+        for (e, row) in replies.into_iter().enumerate() {
+            if row.len() != width {
+                return Err(OnlineError::Corrupt {
+                    key: codec::entity_key(&self.options.prefix, &entities[e]),
+                    reason: format!("HMGET returned {} values for {width} fields", row.len()),
+                });
+            }
+            for (f, bytes) in row.into_iter().enumerate() {
+                cells.push(match bytes {
+                    None => None,
+                    Some(bytes) => {
+                        let key = || {
+                            format!(
+                                "{} {}",
+                                codec::entity_key(&self.options.prefix, &entities[e]),
+                                fields[f]
+                            )
+                        };
+                        match codec::decode_lazy(&bytes, key) {
+                            Ok(v) if v.event_time_ms >= oldest[f] => Some(v),
+                            Ok(_) => None,
+                            Err(err) => {
+                                corrupt.push(err);
+                                None
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        if cells.len() != total {
+            return Err(OnlineError::Corrupt {
+                key: "(HMGET replies)".into(),
+                reason: format!("{} values for {total} cells", cells.len()),
+            });
+        }
+        let mut matrix = ValueMatrix::new(width, cells);
+        matrix.corrupt = corrupt;
+        Ok(matrix)
+    }
+
+    /// The oldest event time still served, per feature, at `now` (retention).
+    fn oldest(&self, features: &[OnlineFeature], now: i64) -> Result<Vec<i64>, OnlineError> {
+        features
+            .iter()
+            .map(|f| retention_ms(f.ttl, self.options.retention_factor).map(|r| now - r))
+            .collect()
+    }
+
+    /// A read through the near cache: cached entities come from memory, the others from one
+    /// pipeline of `HMGET`s that starts with `CLIENT TRACKING ON` (so Redis tracks those keys
+    /// on whichever connection serves the pipeline, a new one after a reconnection
+    /// included), and what it returns is stored unless invalidated meanwhile.
+    async fn read_cached(
+        &self,
+        cache: &NearCache,
+        entities: &[EntityKey],
+        features: &[OnlineFeature],
+        fields: &[String],
+    ) -> Result<ValueMatrix, CachedReadError> {
+        let width = features.len();
+        let oldest = self
+            .oldest(features, now_ms())
+            .map_err(CachedReadError::Online)?;
+        let mut cells: Vec<Option<StoredValue>> = Vec::with_capacity(entities.len() * width);
+        let mut missed: Vec<usize> = Vec::new();
+        let mut keys: Vec<Box<[u8]>> = Vec::new();
+        let layout = cache.layout(fields);
+        let mut key = Vec::with_capacity(128);
+        for (e, entity) in entities.iter().enumerate() {
+            key.clear();
+            codec::push_entity_key(&mut key, &self.options.prefix, entity);
+            if !cache.serve(&key, &layout, &oldest, &mut cells) {
+                missed.push(e);
+                keys.push(key.as_slice().into());
+                cells.resize_with(cells.len() + width, || None);
+            }
+        }
+        cache.record_lookups((entities.len() - missed.len()) as u64, missed.len() as u64);
+        if missed.is_empty() {
+            return Ok(ValueMatrix::new(width, cells));
+        }
+        // Registered before the pipeline is sent: an invalidation from now on wins.
+        let mut fetch = cache.begin(keys);
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
+        for k in fetch.keys() {
+            let cmd = pipe.cmd("HMGET").arg(k);
+            for field in fields {
+                cmd.arg(field.as_str());
+            }
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<Vec<Option<Vec<u8>>>> = match pipe.query_async(&mut conn).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                let tracking_refused = e
+                    .clone()
+                    .into_server_errors()
+                    .is_some_and(|errors| errors.iter().any(|(i, _)| *i == 0));
+                return Err(if tracking_refused {
+                    CachedReadError::TrackingRefused(e)
+                } else {
+                    CachedReadError::Online(OnlineError::redis("read", e))
+                });
+            }
+        };
+        if replies.len() != missed.len() {
+            return Err(CachedReadError::Online(OnlineError::Corrupt {
+                key: "(HMGET replies)".into(),
+                reason: format!("{} replies for {} entities", replies.len(), missed.len()),
+            }));
+        }
+        let mut corrupt = Vec::new();
+        for (i, (row, &e)) in replies.into_iter().zip(&missed).enumerate() {
+            if row.len() != width {
+                return Err(CachedReadError::Online(OnlineError::Corrupt {
+                    key: codec::entity_key(&self.options.prefix, &entities[e]),
+                    reason: format!("HMGET returned {} values for {width} fields", row.len()),
+                }));
+            }
+            let mut stored = Vec::with_capacity(width);
+            let mut clean = true;
+            for (f, bytes) in row.into_iter().enumerate() {
+                let value = match bytes {
+                    None => None,
+                    Some(bytes) => {
+                        let key = || {
+                            format!(
+                                "{} {}",
+                                codec::entity_key(&self.options.prefix, &entities[e]),
+                                fields[f]
+                            )
+                        };
+                        match codec::decode_lazy(&bytes, key) {
+                            Ok(v) => Some(v),
+                            Err(err) => {
+                                corrupt.push(err);
+                                clean = false;
+                                None
+                            }
+                        }
+                    }
+                };
+                cells[e * width + f] = value
+                    .as_ref()
+                    .filter(|v| v.event_time_ms >= oldest[f])
+                    .cloned();
+                stored.push(value);
+            }
+            // An entity with a corrupt value is not cached: each read reports it again.
+            if clean {
+                fetch.complete(i, &layout, stored);
+            }
+        }
+        drop(fetch);
+        cache.publish_size();
+        let mut matrix = ValueMatrix::new(width, cells);
+        matrix.corrupt = corrupt;
+        Ok(matrix)
+    }
+
+    /// `HDEL` of one field in every entity hash (`SCAN` + pipelines).
+    async fn delete_field_everywhere(&self, feature: &FeatureRef) -> Result<u64, OnlineError> {
+        let field = codec::field(feature);
+        let pattern = codec::entity_pattern(&self.options.prefix);
+        let mut conn = self.conn.clone();
+        let (mut cursor, mut removed) = (0u64, 0u64);
+        loop {
+            let (next, keys) = self
+                .scan_page(&mut conn, "invalidate", &pattern, cursor)
+                .await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("HDEL").arg(&key[..]).arg(&field);
+                }
+                let counts: Vec<u64> = pipe
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| OnlineError::redis("invalidate", e))?;
+                removed += counts.iter().sum::<u64>();
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
     }
 }
