@@ -13,17 +13,23 @@
 //!    the same `--at` leaves exactly the same rows;
 //! 2. the online store (features served online): one pipelined batch per 1,000 values, each
 //!    with event time `at`; a value with a newer event time already stored is kept;
-//! 3. the registry: the run is recorded under `at` (recording the same `at` again replaces it).
+//! 3. the registry: the run is recorded under `at` (recording the same `at` again replaces it);
+//! 4. `popularity` only: the rankings (the top `--rankings-top-n` products overall and per
+//!    category, for cold start; [`recsys_core::features::rankings`]) in the artifact store
+//!    named by `--store`, at `rankings/<feature>/v<major>/latest.json`; rankings of a later
+//!    `at` already stored are kept.
 //!
 //! A failure after step 1 fails the job with a retryable exit code; the retry is idempotent.
+//! A rankings failure does not stop the other versions: it is reported per version and fails
+//! the job at the end (retryable when the store's error is).
 //! Entities that drop out of the window keep their last online value until it goes stale (its
 //! TTL) and expires (retention); the offline store has no row for them at the new `at`.
 //!
 //! `backfill` recomputes the features at every `--step` in `[--from, --to)` and replaces the
 //! offline rows of that range in one transaction per version: history only, the online store
-//! holds the latest values and is left alone. It is also the migration helper of a breaking
-//! change: `--feature name@2` recomputes into major version 2 from the events, and
-//! `--copy-from 1` copies major 1's offline rows instead (same value type only).
+//! and the rankings hold the latest values and are left alone. It is also the migration
+//! helper of a breaking change: `--feature name@2` recomputes into major version 2 from the
+//! events, and `--copy-from 1` copies major 1's offline rows instead (same value type only).
 //!
 //! Stores: with `--database-url` the events table, offline store and registry are in Postgres
 //! and the online store is Redis (`--redis-url`). Without it (local mode) events come from
@@ -31,12 +37,15 @@
 //! scorer serves from those. The local mode registers the embedded definitions of the first
 //! features (`docs/examples/features/`) when its registry lacks them.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use clap::Args;
+use clap::builder::TypedValueParser as _;
+use recsys_core::artifacts::ArtifactStore;
 use recsys_core::cf::interactions::Event;
 use recsys_core::events::{self, EventsError, FileFormat, PostgresEvents};
 use recsys_core::features::compute::{self, Computation, Inputs, Params, ProductTimes};
@@ -47,14 +56,19 @@ use recsys_core::features::online::{
     DEFAULT_PREFIX, OnlineError, OnlineStore, RedisOnlineStore, RedisOnlineStoreOptions,
     WriteReport,
 };
+use recsys_core::features::rankings::{self, DEFAULT_TOP_N, Rankings, RankingsError, WriteOutcome};
 use recsys_core::features::registry::{
     FeatureRegistry, InProcessFeatureRegistry, Lifecycle, PostgresFeatureRegistry,
     RegisteredFeature, RegistryError, VersionSelector, parse_duration_ms,
 };
-use recsys_core::features::{self as features, EntityKey, FeatureValue, StoredValue, defaults};
+use recsys_core::features::{
+    self as features, EntityKey, FeatureRef, FeatureValue, StoredValue, defaults,
+};
 use recsys_core::stores::{self, PostgresArgs, StoreError};
 use serde::Serialize;
 use tracing::{info, warn};
+
+use crate::cf;
 
 /// Why a feature job failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +99,12 @@ pub enum FeatureJobError {
     /// The online store failed or refused.
     #[error("online store: {0}")]
     Online(#[from] OnlineError),
+    /// The artifact store named by `--store` could not be opened.
+    #[error(transparent)]
+    ArtifactStore(cf::CfError),
+    /// The rankings could not be built or written.
+    #[error("rankings: {0}")]
+    Rankings(#[from] RankingsError),
     /// The run report could not be written.
     #[error("writing the report {path}: {source}")]
     Report {
@@ -106,6 +126,8 @@ impl FeatureJobError {
             Self::Registry(e) => e.kind(),
             Self::Offline(e) => e.kind(),
             Self::Online(e) => e.kind(),
+            Self::ArtifactStore(e) => e.kind(),
+            Self::Rankings(e) => e.kind(),
             Self::Report { .. } => "Report",
         }
     }
@@ -119,6 +141,8 @@ impl FeatureJobError {
             Self::Registry(e) => e.retryable(),
             Self::Offline(e) => e.retryable(),
             Self::Online(e) => e.is_outage(),
+            Self::ArtifactStore(e) => e.retryable(),
+            Self::Rankings(e) => e.retryable(),
         }
     }
 }
@@ -180,6 +204,19 @@ pub struct MaterializeArgs {
     /// Also write the run report (JSON) to this file.
     #[arg(long, env = "RECSYS_REPORT_FILE")]
     pub report: Option<PathBuf>,
+    /// Where `popularity` writes its rankings (the top products overall and per category,
+    /// read by the scorer for cold start): the artifact store of the models. Other jobs
+    /// ignore it.
+    #[command(flatten)]
+    pub artifacts: cf::StoreArgs,
+    /// Length of every ranked list `popularity` writes (overall and per category).
+    #[arg(
+        long,
+        env = "RECSYS_RANKINGS_TOP_N",
+        default_value_t = DEFAULT_TOP_N,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize)
+    )]
+    pub rankings_top_n: usize,
 }
 
 /// Options of `backfill`.
@@ -353,6 +390,29 @@ pub struct VersionReport {
     pub online_expired: Option<u64>,
     /// Times the computation ran.
     pub computations: u64,
+    /// The rankings written (`popularity` only).
+    pub rankings: Option<RankingsReport>,
+}
+
+/// What a `popularity` run did with the rankings of one feature version.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RankingsReport {
+    /// The artifact key, `rankings/<feature>/v<major>/latest.json`.
+    pub key: String,
+    /// Whether these rankings are now the latest; `false` when rankings of a later time were
+    /// already stored and kept.
+    pub written: bool,
+    /// The time of the stored rankings that were kept (ms since the epoch), when not written.
+    pub kept_newer_at_ms: Option<i64>,
+    /// Length limit of every list.
+    pub n: usize,
+    /// Products in the overall list.
+    pub overall: usize,
+    /// Categories with a list.
+    pub categories: usize,
+    /// Why the rankings were not written, when they were not.
+    pub error: Option<String>,
 }
 
 impl VersionReport {
@@ -371,6 +431,7 @@ impl VersionReport {
             online_kept_newer: None,
             online_expired: None,
             computations: points as u64,
+            rankings: None,
         }
     }
 }
@@ -628,6 +689,15 @@ pub async fn materialize(
         }
         plans.push(p);
     }
+    // Opened before anything is written, so that a bad `--store` changes nothing.
+    let artifacts = match computation {
+        Computation::Popularity => Some(
+            cf::open_store(&args.artifacts)
+                .await
+                .map_err(FeatureJobError::ArtifactStore)?,
+        ),
+        Computation::Freshness | Computation::CategoryAffinity => None,
+    };
     let data = read_events(
         &args.store,
         &stores,
@@ -638,7 +708,12 @@ pub async fn materialize(
         &[at_ms],
     )
     .await?;
+    let categories = artifacts
+        .as_ref()
+        .map(|_| rankings::product_categories(&data.events, at_ms))
+        .unwrap_or_default();
     let mut versions = vec![];
+    let mut rankings_failure = None;
     for p in &plans {
         let values = compute::compute(p.computation, data.inputs(at_ms), &p.params);
         let feature = p.feature.feature_ref();
@@ -681,6 +756,22 @@ pub async fn materialize(
             at = %at.to_rfc3339(),
             "materialized"
         );
+        // Last, so that the values and their run are recorded whatever happens to the
+        // artifact store; a failure is reported and fails the job after every version.
+        if let Some(store) = &artifacts {
+            let (r, failed) =
+                publish_rankings(store.as_ref(), &feature, &values, &categories, at_ms, args).await;
+            report.rankings = Some(r);
+            if let Some(e) = failed {
+                warn!(
+                    feature = %feature,
+                    kind = e.kind(),
+                    error = &e as &dyn std::error::Error,
+                    "rankings not written"
+                );
+                rankings_failure.get_or_insert(e);
+            }
+        }
         versions.push(report);
     }
     let report = JobReport {
@@ -691,7 +782,67 @@ pub async fn materialize(
         seconds: started.elapsed().as_secs_f64(),
     };
     emit(&report, args.report.as_ref())?;
-    Ok(report)
+    match rankings_failure {
+        Some(e) => Err(e.into()),
+        None => Ok(report),
+    }
+}
+
+/// Builds and writes the rankings of one version; returns what to report and the error, if
+/// any.
+async fn publish_rankings(
+    store: &dyn ArtifactStore,
+    feature: &FeatureRef,
+    values: &[(String, FeatureValue)],
+    categories: &BTreeMap<String, String>,
+    at_ms: i64,
+    args: &MaterializeArgs,
+) -> (RankingsReport, Option<RankingsError>) {
+    let mut report = RankingsReport {
+        key: rankings::rankings_key(feature),
+        written: false,
+        kept_newer_at_ms: None,
+        n: args.rankings_top_n,
+        overall: 0,
+        categories: 0,
+        error: None,
+    };
+    let built = rankings::float_scores(feature, values).and_then(|scores| {
+        Rankings::build(
+            feature,
+            at_ms,
+            recsys_core::features::online::now_ms(),
+            args.rankings_top_n,
+            &scores,
+            categories,
+        )
+    });
+    let outcome = match built {
+        Ok(r) => {
+            report.overall = r.overall.len();
+            report.categories = r.by_category.len();
+            rankings::write_rankings(store, &r).await
+        }
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(WriteOutcome::Written) => report.written = true,
+        Ok(WriteOutcome::KeptNewer { at_ms: newer }) => {
+            // A late retry of an old window: normal, and in the report.
+            info!(
+                feature = %feature,
+                key = %report.key,
+                stored_at_ms = newer,
+                "rankings of a later time are stored; kept them"
+            );
+            report.kept_newer_at_ms = Some(newer);
+        }
+        Err(e) => {
+            report.error = Some(e.to_string());
+            return (report, Some(e));
+        }
+    }
+    (report, None)
 }
 
 /// `name` or `name@major`.
@@ -934,5 +1085,58 @@ mod tests {
         assert!(!usage("--at", "bad").retryable());
         assert!(!FeatureJobError::Definition("x".into()).retryable());
         assert_eq!(usage("--at", "bad").kind(), "Usage");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Materialize {
+        #[command(flatten)]
+        args: MaterializeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<MaterializeArgs, clap::Error> {
+        use clap::Parser;
+        Materialize::try_parse_from(std::iter::once("popularity").chain(args.iter().copied()))
+            .map(|m| m.args)
+    }
+
+    #[test]
+    fn rankings_options_sit_beside_the_feature_store_options() {
+        use clap::CommandFactory;
+        Materialize::command().debug_assert();
+        let a = parse(&[
+            "--database-url=postgres://db/recsys",
+            "--store=s3://bucket/prefix",
+            "--s3-endpoint=http://s3:8333",
+            "--rankings-top-n=50",
+        ])
+        .expect("parse");
+        assert_eq!(
+            a.store.database_url.as_deref(),
+            Some("postgres://db/recsys")
+        );
+        assert_eq!(a.artifacts.store, "s3://bucket/prefix");
+        assert_eq!(a.artifacts.s3.endpoint.as_deref(), Some("http://s3:8333"));
+        assert_eq!(a.rankings_top_n, 50);
+        let d = parse(&[]).expect("defaults");
+        assert_eq!(d.rankings_top_n, DEFAULT_TOP_N);
+        for bad in [
+            "--rankings-top-n=0",
+            "--rankings-top-n=-3",
+            "--rankings-top-n=x",
+        ] {
+            let err = parse(&[bad]).expect_err(bad).to_string();
+            assert!(err.contains("--rankings-top-n"), "{bad}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_store_is_refused_without_a_retry() {
+        let a = parse(&["--store=s3://"]).expect("parse");
+        let err = FeatureJobError::ArtifactStore(
+            cf::open_store(&a.artifacts).await.expect_err("no bucket"),
+        );
+        assert!(!err.retryable());
+        assert_eq!(err.kind(), "Usage");
+        assert!(err.to_string().contains("--store"), "{err}");
     }
 }

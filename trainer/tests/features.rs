@@ -8,7 +8,10 @@
 //!   a new major version is filled by recomputing or copying;
 //! - duplicate computation is gone: N requests through the serving reader compute the feature
 //!   N times without the store and not at all with it;
-//! - bad options fail with exit code 2 and say what is wrong.
+//! - bad options fail with exit code 2 and say what is wrong;
+//! - `popularity` writes the rankings of every version it computes (the top products overall
+//!   and per category) to the artifact store, a directory or the real S3 server, and they are
+//!   the top of the recomputed values.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::DateTime;
+use recsys_core::artifacts::{ArtifactStore, LocalDirStore, S3Store};
 use recsys_core::cf::interactions::{Event, EventType};
 use recsys_core::events::{self, EventRow, PostgresEvents};
 use recsys_core::features::compute::{self, Computation, ComputeFallback, Inputs, Params};
@@ -24,9 +28,10 @@ use recsys_core::features::online::{
     FeatureReader, OnlineFeature, OnlineStore, ReaderOptions, RedisOnlineStore,
     RedisOnlineStoreOptions,
 };
+use recsys_core::features::rankings::{self, Rankings, WriteOutcome};
 use recsys_core::features::registry::{FeatureRegistry, PostgresFeatureRegistry};
 use recsys_core::features::{EntityKey, EntityKind, FeatureRef, FeatureValue, Freshness, defaults};
-use recsys_core::stores::{self, PostgresArgs};
+use recsys_core::stores::{self, ChecksumMode, PostgresArgs, S3Args};
 use recsys_tests::TestEnv;
 
 const DAY_MS: i64 = 86_400_000;
@@ -78,6 +83,8 @@ struct Fixture {
     redis: String,
     prefix: String,
     pool: sqlx::PgPool,
+    /// The artifact store `popularity` writes its rankings to (`RECSYS_ARTIFACTS`).
+    artifacts: tempfile::TempDir,
 }
 
 impl Fixture {
@@ -110,6 +117,7 @@ impl Fixture {
             redis,
             prefix,
             pool,
+            artifacts: tempfile::tempdir().expect("artifacts directory"),
         }
     }
 
@@ -120,9 +128,16 @@ impl Fixture {
             .env("RECSYS_DATABASE_URL", &self.db)
             .env("RECSYS_REDIS_URL", &self.redis)
             .env("RECSYS_REDIS_PREFIX", &self.prefix)
+            .env("RECSYS_ARTIFACTS", self.artifacts.path())
+            .env_remove("RECSYS_RANKINGS_TOP_N")
             .env_remove("RECSYS_EVENTS");
         let _ = &self.env;
         cmd.output().expect("spawn recsys-trainer")
+    }
+
+    /// The directory store `popularity` writes its rankings to.
+    fn artifact_store(&self) -> LocalDirStore {
+        LocalDirStore::new(self.artifacts.path())
     }
 
     /// Runs the trainer, expecting success; returns its JSON report.
@@ -637,4 +652,393 @@ async fn the_store_removes_duplicate_computation() {
     let batch = r.read(&products, &served).await.expect("read");
     assert_eq!(batch.count(Freshness::Missing), 1);
     assert_eq!(with.computations(), 1);
+}
+
+/// `popularity_score` recomputed from the events at `at` with `spec`'s parameters, ranked:
+/// score descending, then product id ascending.
+fn ranked_popularity(
+    events: &[(Event, Option<String>)],
+    spec: &recsys_core::features::registry::FeatureSpec,
+    at: i64,
+) -> Vec<(String, f64)> {
+    let params = Params::from_spec(Computation::Popularity, spec, at).expect("params");
+    let mut scores: Vec<(String, f64)> = compute::compute(
+        Computation::Popularity,
+        Inputs {
+            events,
+            products: None,
+        },
+        &params,
+    )
+    .into_iter()
+    .map(|(id, v)| match v {
+        FeatureValue::Float(x) => (id, x),
+        other => panic!("{id}: {other:?}"),
+    })
+    .collect();
+    scores.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    scores
+}
+
+/// The category of a synthetic product: `p<k>` is in `c<k mod 6>`.
+fn synthetic_category(product: &str) -> String {
+    let k: i64 = product
+        .strip_prefix('p')
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("{product} is not a synthetic product"));
+    format!("c{}", k % 6)
+}
+
+/// Same products in the same order, same scores (JSON numbers parse to within an ULP).
+fn assert_same_list(what: &str, got: &[(String, f64)], expected: &[(String, f64)]) {
+    let ids = |l: &[(String, f64)]| l.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(got), ids(expected), "{what}: products");
+    for ((id, g), (_, e)) in got.iter().zip(expected) {
+        assert!(
+            (g - e).abs() <= 1e-12 * e.abs().max(1.0),
+            "{what}: {id} scored {g}, recomputed {e}"
+        );
+    }
+}
+
+/// Checks `r` against the recomputation `expected` (ranked): `overall` is its top `n`, every
+/// category list holds only products of that category and is that category's top `n`.
+fn assert_rankings_match(r: &Rankings, expected: &[(String, f64)], n: usize) {
+    assert_eq!(r.n, n);
+    assert_same_list("overall", &r.overall, &expected[..n.min(expected.len())]);
+    let mut categories: Vec<String> = expected
+        .iter()
+        .map(|(id, _)| synthetic_category(id))
+        .collect();
+    categories.sort();
+    categories.dedup();
+    assert_eq!(
+        r.by_category.keys().cloned().collect::<Vec<_>>(),
+        categories,
+        "one list per category"
+    );
+    for (category, list) in &r.by_category {
+        for (id, _) in list {
+            assert_eq!(
+                &synthetic_category(id),
+                category,
+                "{id} listed under {category}"
+            );
+            assert_eq!(r.category_of.get(id), Some(category), "category_of[{id}]");
+        }
+        let top: Vec<(String, f64)> = expected
+            .iter()
+            .filter(|(id, _)| &synthetic_category(id) == category)
+            .take(n)
+            .cloned()
+            .collect();
+        assert_same_list(&format!("by_category[{category}]"), list, &top);
+    }
+}
+
+#[tokio::test]
+async fn popularity_writes_the_rankings_of_every_version_it_computes() {
+    let fx = Fixture::new("feature_rankings").await;
+    let at = at_ms();
+    let at_s = rfc3339(0);
+    let store = fx.artifact_store();
+    let events = fx.events().await;
+    let v1 = FeatureRef::new("popularity_score", 1);
+    let spec = defaults::spec("popularity_score").expect("spec");
+    let expected = ranked_popularity(&events, &spec, at);
+    // 12 products in 2 categories (c0 and c4), 6 each.
+    assert_eq!(expected.len(), 12, "{expected:?}");
+
+    // Backfills and the other jobs write no rankings.
+    fx.ok(&[
+        "backfill",
+        "--feature=popularity_score",
+        "--from",
+        &rfc3339(-2 * DAY_MS),
+        "--to",
+        &at_s,
+    ]);
+    let report = fx.ok(&["freshness", "--at", &at_s]);
+    assert!(report["versions"][0]["rankings"].is_null(), "{report}");
+    assert_eq!(
+        store.list("rankings/").await.expect("list"),
+        Vec::<String>::new()
+    );
+
+    // A short list: every list is cut at n, the per-category lists too.
+    let report = fx.ok(&["popularity", "--at", &at_s, "--rankings-top-n=4"]);
+    let r = &report["versions"][0]["rankings"];
+    assert_eq!(
+        r["key"], "rankings/popularity_score/v1/latest.json",
+        "{report}"
+    );
+    assert_eq!(r["written"], true, "{report}");
+    assert_eq!((r["n"].as_u64(), r["overall"].as_u64()), (Some(4), Some(4)));
+    assert_eq!(r["categories"], 2);
+    assert!(
+        r["error"].is_null() && r["keptNewerAtMs"].is_null(),
+        "{report}"
+    );
+    assert_eq!(
+        store.list("rankings/").await.expect("list"),
+        ["rankings/popularity_score/v1/latest.json"],
+        "latest only"
+    );
+    let got = rankings::read_rankings(&store, &v1)
+        .await
+        .expect("read")
+        .expect("rankings written");
+    assert_eq!(
+        (got.feature.as_str(), got.major, got.at_ms),
+        ("popularity_score", 1, at)
+    );
+    assert!(
+        got.computed_at_ms >= at,
+        "built after the time it describes"
+    );
+    assert_rankings_match(&got, &expected, 4);
+
+    // The default length holds every product; the same `at` again replaces the rankings.
+    let report = fx.ok(&["popularity", "--at", &at_s]);
+    assert_eq!(report["versions"][0]["rankings"]["written"], true);
+    let got = rankings::read_rankings(&store, &v1)
+        .await
+        .expect("read")
+        .expect("rankings");
+    assert_eq!(got.n, 1000);
+    assert_eq!(got.overall.len(), expected.len());
+    assert_rankings_match(&got, &expected, 1000);
+    assert_eq!(
+        got.by_category.values().map(Vec::len).sum::<usize>(),
+        expected.len(),
+        "every product has a category, so every product is in one list"
+    );
+
+    // An earlier window does not replace later rankings (a late retry cannot make serving go
+    // back in time); its values are still materialised.
+    let report = fx.ok(&["popularity", "--at", &rfc3339(-60_000)]);
+    let r = &report["versions"][0]["rankings"];
+    assert_eq!(
+        (r["written"].as_bool(), r["keptNewerAtMs"].as_i64()),
+        (Some(false), Some(at))
+    );
+    assert_eq!(
+        rankings::read_rankings(&store, &v1)
+            .await
+            .expect("read")
+            .expect("rankings"),
+        got
+    );
+
+    // Every major version computed gets its own rankings, from its own parameters.
+    let registry = PostgresFeatureRegistry::new(fx.pool.clone());
+    let mut v2_spec = spec.clone();
+    v2_spec.version = "2.0.0".into();
+    v2_spec.computation.half_life = Some("1d".into());
+    registry.register(&v2_spec).await.expect("register v2");
+    let later = at + 60_000;
+    let report = fx.ok(&["popularity", "--at", &rfc3339(60_000)]);
+    let keys: Vec<&str> = report["versions"]
+        .as_array()
+        .expect("versions")
+        .iter()
+        .map(|v| v["rankings"]["key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "rankings/popularity_score/v1/latest.json",
+            "rankings/popularity_score/v2/latest.json"
+        ]
+    );
+    for (major, spec) in [(1, &spec), (2, &v2_spec)] {
+        let got = rankings::read_rankings(&store, &FeatureRef::new("popularity_score", major))
+            .await
+            .expect("read")
+            .unwrap_or_else(|| panic!("v{major} rankings"));
+        assert_eq!(got.at_ms, later);
+        assert_rankings_match(&got, &ranked_popularity(&events, spec, later), 1000);
+    }
+}
+
+#[tokio::test]
+async fn a_failing_artifact_store_fails_the_job_after_the_values_are_written() {
+    let fx = Fixture::new("feature_rankings_failure").await;
+    let at = at_ms();
+    // The store's directory is a file: every write fails.
+    let blocked = fx.artifacts.path().join("blocked");
+    std::fs::write(&blocked, b"not a directory").expect("file");
+    let blocked = blocked.to_str().expect("utf-8 path");
+    let report_file = fx.artifacts.path().join("report.json");
+    let out = fx.trainer(&[
+        "popularity",
+        "--at",
+        &rfc3339(0),
+        "--store",
+        blocked,
+        "--report",
+        report_file.to_str().expect("utf-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Not a directory: retrying cannot help.
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("rankings"), "{stderr}");
+    // The report still says what was done, and why the rankings are missing.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&report_file).expect("report file")).expect("report");
+    let r = &report["versions"][0]["rankings"];
+    assert_eq!(r["written"], false, "{report}");
+    assert!(
+        r["error"].as_str().is_some_and(|e| e.contains("blocked")),
+        "{report}"
+    );
+    // Values and the run were recorded before the rankings were attempted.
+    let feature = FeatureRef::new("popularity_score", 1);
+    let offline = PostgresOfflineStore::new(fx.pool.clone());
+    assert_eq!(
+        rows(&offline, &feature).await,
+        report["versions"][0]["values"].as_u64().expect("values")
+    );
+    let run = PostgresFeatureRegistry::new(fx.pool.clone())
+        .last_materialization(&feature)
+        .await
+        .expect("registry")
+        .expect("run recorded");
+    assert_eq!(run.at_ms, at);
+    // A bad `--store` is refused before anything is written.
+    let fx2 = Fixture::new("feature_rankings_bad_store").await;
+    let stderr = fx2.fails(&["popularity", "--at", &rfc3339(0), "--store", "s3://"], 2);
+    assert!(
+        stderr.contains("--store") && stderr.contains("bucket"),
+        "{stderr}"
+    );
+    assert_eq!(
+        rows(&PostgresOfflineStore::new(fx2.pool.clone()), &feature).await,
+        0
+    );
+}
+
+/// S3 options of the test environment's server.
+fn s3_args(env: &TestEnv) -> S3Args {
+    S3Args {
+        endpoint: Some(
+            env.var("RECSYS_TEST_S3_ENDPOINT")
+                .expect("endpoint")
+                .to_owned(),
+        ),
+        region: env.var("RECSYS_TEST_S3_REGION").expect("region").to_owned(),
+        force_path_style: true,
+        checksums: ChecksumMode::WhenSupported,
+        access_key_id: Some(env.var("AWS_ACCESS_KEY_ID").expect("key id").to_owned()),
+        secret_access_key: Some(env.var("AWS_SECRET_ACCESS_KEY").expect("secret").to_owned()),
+    }
+}
+
+#[tokio::test]
+async fn rankings_are_written_to_and_read_from_s3() {
+    let fx = Fixture::new("feature_rankings_s3").await;
+    let at = at_ms();
+    let s3 = s3_args(&fx.env);
+    let bucket = fx
+        .env
+        .var("RECSYS_TEST_S3_BUCKET")
+        .expect("bucket")
+        .to_owned();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    let prefix = format!("rankings-test/{}-{nanos:x}", std::process::id());
+    let client = stores::s3(&s3).await.expect("s3 client");
+    let store = Arc::new(S3Store::new(client, &bucket, &prefix));
+    let v1 = FeatureRef::new("popularity_score", 1);
+
+    // The job, as a cluster runs it: `--store s3://…` and the S3 options.
+    let report = fx.ok(&[
+        "popularity",
+        "--at",
+        &rfc3339(0),
+        "--rankings-top-n=5",
+        "--store",
+        &format!("s3://{bucket}/{prefix}"),
+        "--s3-endpoint",
+        s3.endpoint.as_deref().unwrap_or_default(),
+        "--s3-region",
+        &s3.region,
+        "--s3-force-path-style",
+        "--s3-access-key-id",
+        s3.access_key_id.as_deref().unwrap_or_default(),
+        "--s3-secret-access-key",
+        s3.secret_access_key.as_deref().unwrap_or_default(),
+    ]);
+    assert_eq!(
+        report["versions"][0]["rankings"]["written"], true,
+        "{report}"
+    );
+    // Nothing went to the directory store.
+    assert!(fx.artifact_store().list("").await.expect("list").is_empty());
+    let expected = ranked_popularity(
+        &fx.events().await,
+        &defaults::spec("popularity_score").expect("spec"),
+        at,
+    );
+    let task_store = store.clone();
+    let outcome = async move {
+        let store = task_store.as_ref();
+        let got = rankings::read_rankings(store, &v1)
+            .await
+            .expect("read from S3")
+            .expect("rankings in S3");
+        assert_eq!(got.at_ms, at);
+        assert_rankings_match(&got, &expected, 5);
+
+        // Through the seam directly: an earlier time is kept out, the same time replaces,
+        // and a corrupted object is refused on read, naming its key.
+        let mut older = got.clone();
+        older.at_ms -= 1;
+        assert_eq!(
+            rankings::write_rankings(store, &older)
+                .await
+                .expect("write"),
+            WriteOutcome::KeptNewer { at_ms: at }
+        );
+        let mut rerun = got.clone();
+        rerun.computed_at_ms += 1;
+        rerun.overall.truncate(2);
+        assert_eq!(
+            rankings::write_rankings(store, &rerun)
+                .await
+                .expect("write"),
+            WriteOutcome::Written
+        );
+        assert_eq!(
+            rankings::read_rankings(store, &v1).await.expect("read"),
+            Some(rerun.clone())
+        );
+        let key = rankings::rankings_key(&v1);
+        let mut future_format = rerun;
+        future_format.format_version = 9;
+        store.put(&key, future_format.to_json()).await.expect("put");
+        let err = rankings::read_rankings(store, &v1)
+            .await
+            .expect_err("unknown format");
+        assert_eq!(
+            err.to_string(),
+            format!("{key}: format_version 9 is not supported (this build reads 1)")
+        );
+        assert_eq!(
+            rankings::read_rankings(store, &FeatureRef::new("popularity_score", 7))
+                .await
+                .expect("read"),
+            None
+        );
+    };
+    let result = tokio::spawn(outcome).await;
+    // Clean up the bucket whatever happened.
+    for key in store.list("").await.expect("list") {
+        store.delete(&key).await.expect("delete");
+    }
+    if let Err(e) = result {
+        std::panic::resume_unwind(e.into_panic());
+    }
 }

@@ -10,6 +10,7 @@ pub mod compute;
 pub mod defaults;
 pub mod offline;
 pub mod online;
+pub mod rankings;
 pub mod registry;
 
 use std::fmt;
