@@ -298,7 +298,11 @@ fn id_text(v: &serde_json::Value, what: &str) -> Result<String, String> {
     }
 }
 
-fn parse_json_event(line: &str) -> Result<(Event, Option<String>, Option<String>), String> {
+/// Parses one event object as the JSON-lines format (and the scorer's `POST /v1/events`)
+/// writes it: `user_id`, `product_id`, `event_type`, `timestamp` (ms or RFC 3339),
+/// optional `value`, `event_id` and `category`; unknown fields are refused. Returns the event,
+/// its id and its category, or what is wrong.
+pub fn parse_json_event(line: &str) -> Result<(Event, Option<String>, Option<String>), String> {
     let e: JsonEvent =
         serde_json::from_str(line).map_err(|e| format!("not an event object: {e}"))?;
     let kind: EventType = e
@@ -500,6 +504,37 @@ impl PostgresEvents {
             .await?
             .into_iter()
             .map(|(e, _)| e)
+            .collect())
+    }
+
+    /// A user's `limit` most recent events, newest first (ties by event id, descending): one
+    /// query on the `(user_id, occurred_at)` index, for the scorer's per-user history.
+    pub async fn recent_by_user(
+        &self,
+        user_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Event>, EventsError> {
+        if limit == 0 {
+            return Ok(vec![]);
+        }
+        let rows: Vec<(String, String, DateTime<Utc>, Option<f32>)> = sqlx::query_as(
+            "SELECT product_id, event_type, occurred_at, value FROM events
+             WHERE user_id = $1 ORDER BY occurred_at DESC, event_id DESC LIMIT $2",
+        )
+        .bind(user_id)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(item, kind, at, value)| Event {
+                user: user_id.to_owned(),
+                item,
+                // The table's CHECK constraint admits only known types.
+                kind: kind.parse().unwrap_or(EventType::View),
+                ts_ms: Some(at.timestamp_millis()),
+                value,
+            })
             .collect())
     }
 

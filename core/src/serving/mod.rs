@@ -6,3 +6,4 @@
 //!   source written by the operator implements the same [`routing::RoutingSource`] trait).
 
 pub mod routing;
+pub mod users;
