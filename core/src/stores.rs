@@ -205,6 +205,34 @@ pub async fn s3(args: &S3Args) -> Result<aws_sdk_s3::Client, StoreError> {
     Ok(aws_sdk_s3::Client::from_conf(builder.build()))
 }
 
+/// Opens the artifact store a `--store`-style option names: a local directory, or
+/// `s3://bucket[/prefix]` with the S3 options. No request is sent.
+pub async fn artifact_store(
+    spec: &str,
+    s3_args: &S3Args,
+) -> Result<std::sync::Arc<dyn crate::artifacts::ArtifactStore>, StoreError> {
+    match spec.strip_prefix("s3://") {
+        Some(rest) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(StoreError::S3Config(format!(
+                    "artifact store {spec:?}: s3:// needs a bucket (s3://bucket/prefix)"
+                )));
+            }
+            let client = s3(s3_args).await?;
+            Ok(std::sync::Arc::new(crate::artifacts::S3Store::new(
+                client, bucket, prefix,
+            )))
+        }
+        None if spec.is_empty() => Err(StoreError::S3Config(
+            "artifact store: give a directory or s3://bucket/prefix".into(),
+        )),
+        None => Ok(std::sync::Arc::new(crate::artifacts::LocalDirStore::new(
+            spec,
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,7 +54,8 @@ impl TelemetryError {
     }
 }
 
-/// Installs the global subscriber.
+/// Installs the global subscriber. Logs go to stderr: stdout is left to what a command
+/// prints as its result (the trainer's JSON report), so a warning never corrupts it.
 pub fn init(args: &TelemetryArgs) -> Result<(), TelemetryError> {
     let filter = EnvFilter::try_new(&args.log_filter).map_err(|source| TelemetryError::Filter {
         filter: args.log_filter.clone(),
@@ -63,7 +64,8 @@ pub fn init(args: &TelemetryArgs) -> Result<(), TelemetryError> {
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match args.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

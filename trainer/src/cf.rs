@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use recsys_core::artifacts::{
-    ArtifactError, ArtifactStore, DataInfo, LocalDirStore, ManifestInput, Registry, S3Store,
-};
+use recsys_core::artifacts::{ArtifactError, ArtifactStore, DataInfo, ManifestInput, Registry};
 use recsys_core::cf::als::{self, AlsModel, AlsParams, Solver};
 use recsys_core::cf::eval::{self, Metrics};
 use recsys_core::cf::interactions::{
@@ -419,19 +417,14 @@ async fn read_events(src: &SourceArgs) -> Result<Vec<interactions::Event>, CfErr
     }
 }
 
-/// Opens the artifact store named by `--store`.
+/// Opens the artifact store named by `--store`; a misconfiguration is a usage error (exit 2).
 pub async fn open_store(args: &StoreArgs) -> Result<Arc<dyn ArtifactStore>, CfError> {
-    match args.store.strip_prefix("s3://") {
-        Some(rest) => {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(usage("--store", "s3:// needs a bucket"));
-            }
-            let client = stores::s3(&args.s3).await?;
-            Ok(Arc::new(S3Store::new(client, bucket, prefix)))
-        }
-        None => Ok(Arc::new(LocalDirStore::new(&args.store))),
-    }
+    stores::artifact_store(&args.store, &args.s3)
+        .await
+        .map_err(|e| match e {
+            StoreError::S3Config(reason) => usage("--store", reason),
+            other => other.into(),
+        })
 }
 
 /// A training run's outcome, for the summary table and the batch-job layer.

@@ -88,7 +88,7 @@ pub fn bucket(salt: &str, user_id: &str) -> u16 {
 }
 
 /// Which side of a model's split a request is served from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// The stable version.
