@@ -1,19 +1,21 @@
-//! `recsys-scorer`: the HTTP service users call for features (and, in a later version,
-//! recommendations and scores).
+//! `recsys-scorer`: the HTTP service users call for recommendations, scores and features.
 //!
-//! This version serves the feature API ([`features`]: reads by user, product and batch,
-//! discovery), `/metrics`, `/healthz` and `/readyz`. The router is built by [`router`] so tests
-//! and the benchmark drive it in-process; [`start`] builds everything from the options and
-//! starts the background tasks (catalog refresh, online-store statistics).
+//! It serves the feature API ([`features`]: reads by user, product and batch, discovery),
+//! recommendations, scores and event ingestion ([`recommend`]: routing between model
+//! versions, cold start, ranking with the feature store, shadow scoring), `/metrics`,
+//! `/healthz` and `/readyz`. The router is built by [`router`] so tests and benchmarks drive it
+//! in-process; [`start`] builds feature serving from its options and [`start_all`] adds the
+//! models, with their background tasks (catalog refresh, online-store statistics, model sync,
+//! rankings refresh).
 //!
 //! # Readiness
 //!
-//! `/readyz` answers 200 when the scorer can serve features: a feature catalog was loaded
-//! from the registry at least once (later refresh failures keep the last catalog serving and
-//! do not make the scorer unready). It reports, without failing on them, the online store
-//! (circuit open, statistics failing: reads degrade to the offline fallback) and the model
-//! (none is loaded in this version; scoring arrives later and will add a required check).
-//! `/healthz` answers 200 while the process runs.
+//! `/readyz` answers 200 when the scorer can serve: a feature catalog was loaded from the
+//! registry at least once (later refresh failures keep the last catalog serving and do not
+//! make the scorer unready) and, when recommendations are served, every model of the routing
+//! table has its stable version loaded. It reports, without failing on it, the online store
+//! (circuit open, statistics failing: reads degrade to the offline fallback). `/healthz`
+//! answers 200 while the process runs.
 //!
 //! # Dependencies down at start
 //!
@@ -32,7 +34,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -44,7 +45,9 @@ use axum::routing::get;
 use clap::Parser;
 use recsys_core::features::offline::PostgresOfflineStore;
 use recsys_core::features::online::http::ApiError;
-use recsys_core::features::online::{FeatureReader, OfflineFallback, ReaderOptions, now_ms};
+use recsys_core::features::online::{
+    FeatureReader, NearCacheOptions, OfflineFallback, ReaderOptions, now_ms,
+};
 use recsys_core::telemetry::TelemetryArgs;
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -79,6 +82,9 @@ pub struct Args {
     /// Feature serving.
     #[command(flatten)]
     pub features: FeatureArgs,
+    /// Recommendations and scores.
+    #[command(flatten)]
+    pub models: recommend::setup::ModelArgs,
 }
 
 /// Options of feature serving.
@@ -120,6 +126,15 @@ pub struct FeatureArgs {
     /// How often the online store's keys and bytes are measured (walks the keyspace).
     #[arg(long, env = "RECSYS_FEATURE_STATS_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub stats_interval: Duration,
+    /// Entities kept in an in-process near cache in front of Redis, invalidated by Redis
+    /// itself (RESP3 client tracking, Redis 6 or later); 0 turns it off. Used with
+    /// `--redis-url` only.
+    #[arg(long, env = "RECSYS_ONLINE_CACHE_ENTRIES", default_value_t = 100_000)]
+    pub online_cache_entries: u64,
+    /// Estimated bytes the near cache may hold (an entity above the average share counts as
+    /// several entries).
+    #[arg(long, env = "RECSYS_ONLINE_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub online_cache_bytes: u64,
 }
 
 /// Why the scorer could not start or serve.
@@ -166,7 +181,7 @@ impl ScorerError {
 pub struct AppState {
     features: Arc<FeatureService>,
     metrics: Arc<Metrics>,
-    model_loaded: Arc<AtomicBool>,
+    recommend: Option<recommend::routes::RecommendState>,
 }
 
 impl AppState {
@@ -176,13 +191,32 @@ impl AppState {
         Self {
             features,
             metrics: Arc::new(metrics),
-            model_loaded: Arc::new(AtomicBool::new(false)),
+            recommend: None,
         }
     }
 
     /// Feature serving.
     pub fn features(&self) -> &Arc<FeatureService> {
         &self.features
+    }
+
+    /// Adds recommendations and scores, their metrics registered for `/metrics`.
+    pub fn with_recommend(mut self, started: &recommend::setup::Started) -> Self {
+        // A registry of its own: the feature families are shared handles, so the new
+        // registry reports the same series, plus the recommendation families.
+        let mut metrics = Metrics::new(
+            self.features.reader().metrics(),
+            self.features.catalog_metrics(),
+        );
+        metrics.register_more(&started.register);
+        self.metrics = Arc::new(metrics);
+        self.recommend = Some(started.state.clone());
+        self
+    }
+
+    /// Recommendations and scores, when served.
+    pub fn recommend(&self) -> Option<&recommend::routes::RecommendState> {
+        self.recommend.as_ref()
     }
 
     /// What `/readyz` reports.
@@ -220,12 +254,34 @@ impl AppState {
             Check::ok(format!("{backend}: answering"))
         };
         checks.insert("online_store", online.optional());
-        let model = if self.model_loaded.load(Ordering::SeqCst) {
-            Check::ok("loaded".into())
-        } else {
-            Check::failed("no model is loaded; scoring is not part of this version".into())
+        let model = match &self.recommend {
+            None => {
+                Check::failed("recommendations are not served by this scorer".into()).optional()
+            }
+            Some(r) => {
+                let snapshot = r.recommender.models().snapshot();
+                let loaded = snapshot
+                    .loaded()
+                    .iter()
+                    .map(|(m, v)| format!("{m}@{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                if snapshot.is_ready() {
+                    Check::ok(format!("loaded: {loaded}"))
+                } else if snapshot.table.is_none() {
+                    Check::failed("no routing table loaded yet".into())
+                } else {
+                    let missing = snapshot
+                        .missing
+                        .iter()
+                        .map(|(m, why)| format!("{m}: {why}"))
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    Check::failed(format!("not loaded: {missing}"))
+                }
+            }
         };
-        checks.insert("model", model.optional());
+        checks.insert("model", model);
         Readiness {
             ready: checks.values().all(|c| c.ok || !c.required),
             stores: self.features.description().to_owned(),
@@ -284,7 +340,11 @@ pub struct Readiness {
 /// The service's router: the feature API (with debug-level access logs and request metrics),
 /// `/healthz`, `/readyz` and `/metrics` (outside the access logs).
 pub fn router(state: AppState) -> Router {
-    let api = features::routes::router(state.features.clone())
+    let mut api = features::routes::router(state.features.clone());
+    if let Some(r) = &state.recommend {
+        api = api.merge(recommend::routes::router(r.clone()));
+    }
+    let api = api
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -396,6 +456,7 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
 pub struct Scorer {
     state: AppState,
     tasks: Vec<JoinHandle<()>>,
+    pool: Option<sqlx::PgPool>,
 }
 
 impl Scorer {
@@ -460,9 +521,20 @@ pub async fn start(args: &FeatureArgs) -> Result<Scorer, ScorerError> {
     positive("--feature-budget", args.feature_budget)?;
     positive("--online-timeout", args.online_timeout)?;
     positive("--registry-timeout", args.registry_timeout)?;
+    if args.online_cache_entries > 0 && args.online_cache_bytes == 0 {
+        return Err(ScorerError::InvalidOption {
+            option: "--online-cache-bytes",
+            reason: "must be positive while --online-cache-entries is (0 entries turns the near cache off)".into(),
+        });
+    }
     let stores = Stores::open(&StoreSettings {
         redis_url: args.redis_url.clone(),
         redis_prefix: args.redis_prefix.clone(),
+        online_cache: (args.online_cache_entries > 0).then(|| NearCacheOptions {
+            max_entries: args.online_cache_entries,
+            max_bytes: args.online_cache_bytes,
+            ..NearCacheOptions::default()
+        }),
         database_url: args.database_url.clone(),
         database_max_connections: args.database_max_connections,
         data_dir: args.data_dir.clone(),
@@ -529,12 +601,29 @@ pub async fn start(args: &FeatureArgs) -> Result<Scorer, ScorerError> {
     Ok(Scorer {
         state: AppState::new(service),
         tasks: vec![refresh, stats],
+        pool: stores.pool.clone(),
     })
+}
+
+/// Starts feature serving and recommendations: [`start`], then the model manager, user
+/// states, rankings and shadow scoring ([`recommend::setup`]).
+pub async fn start_all(args: &Args) -> Result<Scorer, ScorerError> {
+    let mut scorer = start(&args.features).await?;
+    let started = recommend::setup::start(
+        &args.models,
+        &args.features,
+        scorer.state.features.clone(),
+        scorer.pool.clone(),
+    )
+    .await?;
+    scorer.state = scorer.state.clone().with_recommend(&started);
+    scorer.tasks.extend(started.tasks);
+    Ok(scorer)
 }
 
 /// Serves until Ctrl-C.
 pub async fn run(args: Args) -> Result<(), ScorerError> {
-    let scorer = start(&args.features).await?;
+    let scorer = start_all(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.bind_address)
         .await
         .map_err(|source| ScorerError::Bind {

@@ -173,6 +173,11 @@ impl Metrics {
         Self { registry, http }
     }
 
+    /// Registers more families: `register` gets the root registry.
+    pub fn register_more(&mut self, register: &dyn Fn(&mut Registry)) {
+        register(&mut self.registry);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();

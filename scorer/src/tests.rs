@@ -1,7 +1,7 @@
 //! Router tests: every endpoint and every error, over in-process stores (and, for dependencies
 //! that are down, addresses where nothing listens).
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;

@@ -274,3 +274,38 @@ pub fn manifest(path: &str) -> anyhow::Result<serde_json::Value> {
     let text = std::fs::read_to_string(&full).with_context(|| full.display().to_string())?;
     Ok(serde_yaml::from_str(&text)?)
 }
+
+/// One HTTP/1 request to a server under test: `(status, body as JSON)`; a body that is not
+/// JSON comes back as a JSON string.
+pub async fn http_json(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    use http_body_util::BodyExt as _;
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    let body = match body {
+        Some(b) => {
+            req = req.header("content-type", "application/json");
+            hyper::body::Bytes::from(b.to_string())
+        }
+        None => hyper::body::Bytes::new(),
+    };
+    let resp = sender
+        .send_request(req.body(http_body_util::Full::new(body))?)
+        .await?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+    });
+    Ok((status, v))
+}

@@ -11,9 +11,6 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use clap::Parser as _;
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use recsys_core::features::offline::{OfflineRow, OfflineStore, PostgresOfflineStore};
 use recsys_core::features::online::{
     OnlineStore, RedisOnlineStore, RedisOnlineStoreOptions, now_ms,
@@ -61,26 +58,7 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> anyhow::Result<(u16, Value)> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    let body = match body {
-        Some(b) => {
-            req = req.header("content-type", "application/json");
-            Bytes::from(b.to_string())
-        }
-        None => Bytes::new(),
-    };
-    let resp = sender.send_request(req.body(Full::new(body))?).await?;
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    let v = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-    Ok((status, v))
+    recsys_tests::http_json(addr, method, path, body).await
 }
 
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {

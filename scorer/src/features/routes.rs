@@ -64,7 +64,7 @@ pub fn router(service: Arc<FeatureService>) -> Router {
 /// A body that is not a `BatchRequest`: 415 without a JSON content type, 413 over the size
 /// limit, otherwise 400 (axum's 422 for well-formed JSON of the wrong shape included, like
 /// every other invalid request), the message naming the field (`entities[0].kind`).
-fn json_rejection(r: JsonRejection) -> HttpError {
+pub(crate) fn json_rejection(r: JsonRejection) -> HttpError {
     let (status, kind) = match r.status() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (r.status(), "UnsupportedMediaType"),
         StatusCode::PAYLOAD_TOO_LARGE => (r.status(), "RequestTooLarge"),

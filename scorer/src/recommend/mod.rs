@@ -1,5 +1,9 @@
 //! Recommendations and scores: the paths (CF, fold-in, blend, popularity, content), the
 //! ranking that combines CF with the feature store, and the HTTP handlers.
 
+pub mod metrics;
 pub mod rank;
+pub mod routes;
+pub mod service;
+pub mod setup;
 pub mod shadow;

@@ -1,0 +1,282 @@
+//! The recommendation API's routes (documented in `docs/http-api.md` and `/openapi.json`):
+//!
+//! | route | answer |
+//! | --- | --- |
+//! | `GET /v1/recommendations?user_id=&k=&category=&exclude_seen=&model=` | [`Answer`]: top-k products |
+//! | `POST /v1/scores` `{user_id, product_ids, model?}` | [`Answer`]: each candidate's `user_product_affinity` and score, in request order |
+//! | `POST /v1/events` `{events: [...]}` | [`EventsAccepted`]: interactions recorded, the users' cached state invalidated |
+//!
+//! Unknown query parameters and body fields are refused (400 naming them), so a typo is an
+//! error rather than a silently ignored option.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use recsys_core::events::{EventRow, parse_json_event};
+use recsys_core::features::online::http::ApiError;
+use recsys_core::serving::users::UserStates;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::service::{Answer, RecommendRequest, Recommender};
+use crate::features::routes::{HttpError, json_rejection};
+
+/// Largest number of events per `POST /v1/events`.
+pub const MAX_EVENTS: usize = 1000;
+
+/// State of the recommendation routes.
+#[derive(Clone, Debug)]
+pub struct RecommendState {
+    /// The service.
+    pub recommender: Arc<Recommender>,
+    /// User state, for ingestion.
+    pub users: Arc<UserStates>,
+}
+
+/// The recommendation routes.
+pub fn router(state: RecommendState) -> Router {
+    Router::new()
+        .route("/v1/recommendations", get(recommendations))
+        .route("/v1/scores", post(scores))
+        .route("/v1/events", post(events))
+        .with_state(state)
+}
+
+const RECOMMEND_PARAMS: [&str; 5] = ["user_id", "k", "category", "exclude_seen", "model"];
+
+/// Parses the query of `GET /v1/recommendations`.
+pub fn parse_recommend_query(
+    query: Option<&str>,
+    default_k: usize,
+) -> Result<RecommendRequest, ApiError> {
+    let bad = |m: String| ApiError::bad_request("InvalidQuery", m);
+    let mut params: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if !RECOMMEND_PARAMS.contains(&k.as_ref()) {
+            return Err(bad(format!(
+                "unknown parameter {k:?}; the parameters are {}",
+                RECOMMEND_PARAMS.join(", ")
+            )));
+        }
+        if params.insert(k.to_string(), v.into_owned()).is_some() {
+            return Err(bad(format!("parameter {k:?} is given twice")));
+        }
+    }
+    let user_id = params
+        .remove("user_id")
+        .ok_or_else(|| bad("user_id: required".into()))?;
+    let k = match params.remove("k") {
+        None => default_k,
+        Some(k) => k
+            .parse()
+            .map_err(|_| bad(format!("k: {k:?} is not a whole number")))?,
+    };
+    let exclude_seen = match params.remove("exclude_seen").as_deref() {
+        None | Some("true") | Some("1") => true,
+        Some("false") | Some("0") => false,
+        Some(other) => return Err(bad(format!("exclude_seen: {other:?} is not true or false"))),
+    };
+    Ok(RecommendRequest {
+        user_id,
+        k,
+        category: params.remove("category"),
+        exclude_seen,
+        model: params.remove("model"),
+    })
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+async fn recommendations(
+    State(s): State<RecommendState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Answer>, HttpError> {
+    let req = parse_recommend_query(query.as_deref(), s.recommender.options().default_k)?;
+    Ok(Json(s.recommender.recommend(req).await?))
+}
+
+/// Body of `POST /v1/scores`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoresRequest {
+    /// The user.
+    pub user_id: String,
+    /// Candidate products, scored in this order.
+    pub product_ids: Vec<String>,
+    /// The model (default: the scorer's).
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+async fn scores(
+    State(s): State<RecommendState>,
+    body: Result<Json<ScoresRequest>, JsonRejection>,
+) -> Result<Json<Answer>, HttpError> {
+    let Json(req) = body.map_err(json_rejection)?;
+    Ok(Json(
+        s.recommender
+            .score(req.user_id, req.product_ids, req.model)
+            .await?,
+    ))
+}
+
+/// Body of `POST /v1/events`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    /// Events, each as a line of the JSON-lines events format: `user_id`, `product_id`,
+    /// `event_type`, `timestamp` (ms or RFC 3339; now when absent), optional `value`,
+    /// `event_id` (derived from the content when absent, so a retry is idempotent) and
+    /// `category`.
+    pub events: Vec<serde_json::Value>,
+}
+
+/// Answer of `POST /v1/events`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsAccepted {
+    /// Events new to the store (a repeated event id is not counted twice).
+    pub new: u64,
+    /// Distinct users.
+    pub users: usize,
+    /// Users whose cached state was invalidated.
+    pub invalidated: usize,
+}
+
+/// Parses the events of a `POST /v1/events`, naming the bad one.
+pub fn parse_events(values: &[serde_json::Value], now_ms: i64) -> Result<Vec<EventRow>, ApiError> {
+    let bad = |m: String| ApiError::bad_request("InvalidRequest", m);
+    if values.is_empty() || values.len() > MAX_EVENTS {
+        return Err(bad(format!(
+            "events: {} events; give 1–{MAX_EVENTS}",
+            values.len()
+        )));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let (mut event, id, category) =
+                parse_json_event(&v.to_string()).map_err(|e| bad(format!("events[{i}]: {e}")))?;
+            let ts = *event.ts_ms.get_or_insert(now_ms);
+            let event_id = id.unwrap_or_else(|| {
+                let mut h = Sha256::new();
+                for part in [
+                    event.user.as_str(),
+                    event.item.as_str(),
+                    event.kind.as_str(),
+                    &ts.to_string(),
+                    &event.value.map(|v| v.to_string()).unwrap_or_default(),
+                ] {
+                    h.update(part.as_bytes());
+                    h.update([0]);
+                }
+                let hex: String = h.finalize()[..16]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!("api-{hex}")
+            });
+            Ok(EventRow {
+                event_id,
+                event,
+                category,
+            })
+        })
+        .collect()
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+async fn events(
+    State(s): State<RecommendState>,
+    body: Result<Json<EventsRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<EventsAccepted>), HttpError> {
+    let Json(req) = body.map_err(json_rejection)?;
+    let rows = parse_events(&req.events, recsys_core::features::online::now_ms())?;
+    let report = s.users.record(&rows).await.map_err(|e| {
+        let status = if e.is_outage() { 503 } else { 400 };
+        HttpError(ApiError::new(status, e.kind(), e.to_string()))
+    })?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(EventsAccepted {
+            new: report.new,
+            users: report.users,
+            invalidated: report.invalidated,
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recommendation_queries_parse_and_refuse_what_is_wrong() {
+        let r = parse_recommend_query(
+            Some("user_id=u%201&k=5&category=shoes&exclude_seen=false"),
+            20,
+        )
+        .expect("parse");
+        assert_eq!(
+            (
+                r.user_id.as_str(),
+                r.k,
+                r.category.as_deref(),
+                r.exclude_seen
+            ),
+            ("u 1", 5, Some("shoes"), false)
+        );
+        let d = parse_recommend_query(Some("user_id=u"), 20).expect("defaults");
+        assert_eq!((d.k, d.exclude_seen, d.model), (20, true, None));
+        for (q, needle) in [
+            (None, "user_id: required"),
+            (Some("user_id=u&kk=3"), "unknown parameter \"kk\""),
+            (Some("user_id=u&k=ten"), "k: \"ten\""),
+            (Some("user_id=u&k=1&k=2"), "given twice"),
+            (Some("user_id=u&exclude_seen=maybe"), "exclude_seen"),
+        ] {
+            let e = parse_recommend_query(q, 20).expect_err("refused");
+            assert_eq!(e.status(), 400);
+            assert!(e.message.contains(needle), "{q:?}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn events_parse_with_derived_ids_and_name_the_bad_one() {
+        let rows = parse_events(
+            &[
+                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view"}),
+                serde_json::json!({"user_id": "u", "product_id": 7, "event_type": "purchase", "timestamp": 5, "event_id": "e1"}),
+            ],
+            1000,
+        )
+        .expect("parse");
+        assert_eq!(rows[0].event.ts_ms, Some(1000), "now when absent");
+        assert!(rows[0].event_id.starts_with("api-"));
+        assert_eq!(rows[1].event_id, "e1");
+        let again = parse_events(
+            &[serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view"})],
+            1000,
+        )
+        .expect("parse");
+        assert_eq!(
+            again[0].event_id, rows[0].event_id,
+            "a retry has the same id"
+        );
+        let e = parse_events(
+            &[
+                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view"}),
+                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "teleport"}),
+            ],
+            0,
+        )
+        .expect_err("bad type");
+        assert!(e.message.starts_with("events[1]:"), "{}", e.message);
+        assert!(parse_events(&[], 0).is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! Options of recommendations and scores, and the wiring of their parts: the artifact store
+//! and model manager, the routing source, user states, shadow scoring.
+//!
+//! | option | default | what |
+//! | --- | --- | --- |
+//! | `--artifacts` | `.recsys/artifacts` | the model registry: a directory or `s3://bucket/prefix` (with the `--s3-*` options) |
+//! | `--routing-file` | none | a routing table (YAML or JSON, watched); without it the `champion` of `--model` |
+//! | `--model` | `als` | the model served when a request names none |
+//! | `--events` | none | local mode: the events file of user histories (appended to by `POST /v1/events`) |
+//! | `--cf` | `true` | collaborative filtering on or off (off: the feature-store ranking, same answers' shape) |
+//! | `--weight-*` | 1, 0.2, 0.05, 0.1 | ranking weights of CF, popularity, freshness, category affinity |
+//! | `--shadow-queue`, `--shadow-workers` | 1024, 1 | shadow scoring queue and threads |
+//! | `--model-sync-interval`, `--rankings-refresh` | 30s, 60s | re-resolve aliases and retry failed loads; reload popularity rankings |
+//!
+//! User histories come from the Postgres `events` table with `--database-url`, else from
+//! `--events`; user states are cached in Redis with `--redis-url`, else in process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use recsys_core::artifacts::Registry;
+use recsys_core::events::{FileFormat, PostgresEvents};
+use recsys_core::serving::routing::{
+    FileRoutingOptions, FileRoutingSource, RoutingMetrics, RoutingSource, StaticRoutingSource,
+};
+use recsys_core::serving::users::{
+    DEFAULT_MAX_USERS, InProcessUserHistory, InProcessUserStateCache, PostgresUserHistory,
+    RedisUserStateCache, RedisUserStateCacheOptions, UserHistory, UserStateArgs, UserStateCache,
+    UserStateMetrics, UserStates,
+};
+use recsys_core::stores::S3Args;
+use tokio::task::JoinHandle;
+
+use super::metrics::RecommendMetrics;
+use super::rank::Weights;
+use super::routes::RecommendState;
+use super::service::{RecommendOptions, Recommender};
+use super::shadow::{Shadow, ShadowMetrics};
+use crate::features::FeatureService;
+use crate::models::{ModelManager, ModelMetrics};
+use crate::{FeatureArgs, ScorerError};
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    recsys_core::features::registry::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+/// Options of recommendations and scores.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The model registry: a directory, or `s3://bucket[/prefix]`.
+    #[arg(long, env = "RECSYS_ARTIFACTS", default_value = ".recsys/artifacts")]
+    pub artifacts: String,
+    /// S3 connection (with an `s3://` registry).
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// A routing table file (YAML or JSON), watched for changes. Without it, every request
+    /// is served by the `champion` of `--model`.
+    #[arg(long, env = "RECSYS_ROUTING_FILE")]
+    pub routing_file: Option<PathBuf>,
+    /// The model served when a request names none.
+    #[arg(long, env = "RECSYS_MODEL", default_value = "als")]
+    pub model: String,
+    /// Local mode: the events file of user histories (JSON lines are appended to by
+    /// `POST /v1/events`). Ignored with `--database-url`, where the `events` table is used.
+    #[arg(long, env = "RECSYS_EVENTS")]
+    pub events: Option<PathBuf>,
+    /// Collaborative filtering on or off; off, answers keep their shape and are ranked by the
+    /// feature-store signals.
+    #[arg(long, env = "RECSYS_CF", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cf: bool,
+    /// Ranking weight of the CF affinity.
+    #[arg(long, env = "RECSYS_WEIGHT_CF", default_value_t = 1.0)]
+    pub weight_cf: f32,
+    /// Ranking weight of popularity_score.
+    #[arg(long, env = "RECSYS_WEIGHT_POPULARITY", default_value_t = 0.2)]
+    pub weight_popularity: f32,
+    /// Ranking weight of freshness_score.
+    #[arg(long, env = "RECSYS_WEIGHT_FRESHNESS", default_value_t = 0.05)]
+    pub weight_freshness: f32,
+    /// Ranking weight of the user's category affinity.
+    #[arg(long, env = "RECSYS_WEIGHT_CATEGORY", default_value_t = 0.1)]
+    pub weight_category: f32,
+    /// Largest `k` of a recommendation.
+    #[arg(long, env = "RECSYS_MAX_K", default_value_t = 200)]
+    pub max_k: usize,
+    /// Largest number of candidates of `POST /v1/scores`.
+    #[arg(long, env = "RECSYS_MAX_CANDIDATES", default_value_t = 500)]
+    pub max_candidates: usize,
+    /// Shadow comparisons queued at most; more are dropped (and counted).
+    #[arg(long, env = "RECSYS_SHADOW_QUEUE", default_value_t = 1024)]
+    pub shadow_queue: usize,
+    /// Threads scoring the shadow version.
+    #[arg(long, env = "RECSYS_SHADOW_WORKERS", default_value_t = 1)]
+    pub shadow_workers: usize,
+    /// How often aliases are re-resolved and failed loads retried.
+    #[arg(long, env = "RECSYS_MODEL_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub model_sync_interval: Duration,
+    /// How often the popularity rankings are reloaded.
+    #[arg(long, env = "RECSYS_RANKINGS_REFRESH", default_value = "60s", value_parser = parse_duration)]
+    pub rankings_refresh: Duration,
+    /// User states.
+    #[command(flatten)]
+    pub users: UserStateArgs,
+}
+
+/// The recommendation side of a started scorer.
+pub struct Started {
+    /// Route state.
+    pub state: RecommendState,
+    /// Metric registrations: (with the `recsys_scorer` prefix, without).
+    pub register: Box<dyn Fn(&mut prometheus_client::registry::Registry) + Send + Sync>,
+    /// Background tasks.
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+fn invalid(option: &'static str, reason: impl std::fmt::Display) -> ScorerError {
+    ScorerError::InvalidOption {
+        option,
+        reason: reason.to_string(),
+    }
+}
+
+/// Builds the recommendation service and starts its background tasks (model sync, rankings
+/// refresh). Nothing waits for a dependency: models load in the background.
+pub async fn start(
+    args: &ModelArgs,
+    features_args: &FeatureArgs,
+    features: Arc<FeatureService>,
+    pool: Option<sqlx::PgPool>,
+) -> Result<Started, ScorerError> {
+    for (option, w) in [
+        ("--weight-cf", args.weight_cf),
+        ("--weight-popularity", args.weight_popularity),
+        ("--weight-freshness", args.weight_freshness),
+        ("--weight-category", args.weight_category),
+    ] {
+        if !w.is_finite() || w < 0.0 {
+            return Err(invalid(option, format!("{w} is not a finite weight ≥ 0")));
+        }
+    }
+    if args.max_k == 0 || args.max_candidates == 0 {
+        return Err(invalid(
+            "--max-k",
+            "--max-k and --max-candidates must be positive",
+        ));
+    }
+    let store = recsys_core::stores::artifact_store(&args.artifacts, &args.s3)
+        .await
+        .map_err(|e| invalid("--artifacts", e))?;
+    let routing_metrics = RoutingMetrics::new();
+    let routing: Arc<dyn RoutingSource> = match &args.routing_file {
+        Some(path) => Arc::new(
+            FileRoutingSource::start(
+                path.clone(),
+                FileRoutingOptions {
+                    metrics: routing_metrics.clone(),
+                    ..FileRoutingOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| invalid("--routing-file", e))?,
+        ),
+        None => Arc::new(
+            StaticRoutingSource::champion(&args.model)
+                .map_err(|e| invalid("--model", e))?
+                .with_metrics(routing_metrics.clone()),
+        ),
+    };
+    let model_metrics = ModelMetrics::default();
+    let models = Arc::new(ModelManager::new(
+        Registry::new(store.clone()),
+        routing,
+        model_metrics.clone(),
+    ));
+
+    let history: Arc<dyn UserHistory> = match (&pool, &args.events) {
+        (Some(pool), _) => Arc::new(PostgresUserHistory::new(PostgresEvents::new(pool.clone()))),
+        (None, Some(path)) => {
+            let h = if path.exists() {
+                InProcessUserHistory::from_file(path, FileFormat::Auto, args.users.history_limit)
+                    .map_err(|e| invalid("--events", e))?
+            } else {
+                InProcessUserHistory::new(args.users.history_limit)
+            };
+            Arc::new(h.append_to(path).map_err(|e| invalid("--events", e))?)
+        }
+        (None, None) => Arc::new(InProcessUserHistory::new(args.users.history_limit)),
+    };
+    let cache: Arc<dyn UserStateCache> = match &features_args.redis_url {
+        Some(url) => Arc::new(
+            RedisUserStateCache::connect_lazy(
+                url,
+                RedisUserStateCacheOptions {
+                    prefix: features_args.redis_prefix.clone(),
+                    cache: args.users.cache_options(),
+                },
+            )
+            .map_err(|e| invalid("--redis-url", e))?,
+        ),
+        None => Arc::new(
+            InProcessUserStateCache::new(args.users.cache_options(), DEFAULT_MAX_USERS)
+                .map_err(|e| invalid("--user-state-ttl", e))?,
+        ),
+    };
+    let user_metrics = UserStateMetrics::new();
+    let users = Arc::new(
+        UserStates::new(history, cache, args.users.options())
+            .map_err(|e| invalid("--user-history-limit", e))?
+            .with_metrics(user_metrics.clone()),
+    );
+
+    let shadow_metrics = ShadowMetrics::default();
+    let shadow = Shadow::start(
+        args.shadow_queue,
+        args.shadow_workers,
+        shadow_metrics.clone(),
+    );
+    let recommend_metrics = RecommendMetrics::default();
+    let recommender = Arc::new(Recommender::new(
+        models.clone(),
+        users.clone(),
+        features,
+        store,
+        Some(shadow),
+        RecommendOptions {
+            default_model: args.model.clone(),
+            max_k: args.max_k,
+            max_candidates: args.max_candidates,
+            cf_enabled: args.cf,
+            weights: Weights {
+                cf: args.weight_cf,
+                popularity: args.weight_popularity,
+                freshness: args.weight_freshness,
+                category: args.weight_category,
+            },
+            ..RecommendOptions::default()
+        },
+        recommend_metrics.clone(),
+    ));
+    let tasks = vec![
+        // Invalidations that could not reach the cache (Redis down) are retried.
+        users.spawn_flusher(Duration::from_secs(1)),
+        tokio::spawn(models.clone().run(args.model_sync_interval)),
+        tokio::spawn(recommender.clone().run_rankings(args.rankings_refresh)),
+    ];
+    let register = Box::new(
+        move |registry: &mut prometheus_client::registry::Registry| {
+            recommend_metrics.register(registry);
+            shadow_metrics.register(registry);
+            routing_metrics.register(registry);
+            user_metrics.register(registry);
+            model_metrics.register(registry.sub_registry_with_prefix("recsys_scorer"));
+        },
+    );
+    Ok(Started {
+        state: RecommendState { recommender, users },
+        register,
+        tasks,
+    })
+}
