@@ -25,11 +25,13 @@
 //!   and `Registered=False` reason `RegistryNotConfigured` says that nothing is recorded.
 //!
 //! A deprecation block in the spec is passed to the registry, which deprecates the version
-//! (lifecycle, not content, so a registered version may gain one). Deleting a
-//! FeatureDefinition does **not** delete or retire anything in the registry: the registry is
+//! (lifecycle, not content, so a registered version may gain one); once its `sunset` has
+//! passed, the version is retired in the registry (jobs stop computing it, scorers stop
+//! serving it). Deleting a FeatureDefinition does **not** delete or retire anything in the
+//! registry: the registry is
 //! the history of every version that was served, which consumers and old training sets may
 //! still refer to, and one feature name may be declared in several namespaces or clusters.
-//! Retiring is an explicit registry operation.
+//! Retiring otherwise is an explicit registry operation.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -327,6 +329,7 @@ pub async fn record(
     metrics: &Metrics,
     spec: &FeatureDefinitionSpec,
 ) -> RegistryOutcome {
+    let crd_spec = spec;
     let spec = match registry_spec(spec) {
         Ok(spec) => spec,
         Err(e) => {
@@ -340,6 +343,15 @@ pub async fn record(
         let registered = registry.register(&spec).await;
         metrics.registry("register", outcome_label(&registered));
         let registered = registered?;
+        // A deprecated version whose sunset has passed stops being served: retired in the
+        // registry (idempotent), so jobs stop computing it and scorers stop serving it.
+        if sunset_passed(crd_spec, Timestamp::now()) {
+            let retired = registry.retire(&spec.name, &spec.version).await;
+            metrics.registry("retire", outcome_label(&retired));
+            if retired?.retired_at_ms.is_some() {
+                info!(feature = %spec.name, version = %spec.version, "sunset passed: retired");
+            }
+        }
         let feature = FeatureRef::new(spec.name.clone(), registered.major);
         let last = registry.last_materialization(&feature).await;
         metrics.registry("last_materialization", outcome_label(&last));
@@ -355,6 +367,14 @@ pub async fn record(
         },
         Err(e) => classify(&spec, &e),
     }
+}
+
+/// Whether `spec` is deprecated with a sunset at or before `now`.
+pub fn sunset_passed(spec: &FeatureDefinitionSpec, now: Timestamp) -> bool {
+    spec.deprecation
+        .as_ref()
+        .and_then(|d| d.sunset.as_ref())
+        .is_some_and(|t| t.0 <= now)
 }
 
 /// Sorts a registry error into a refusal of the spec or an unavailable registry.
@@ -1278,5 +1298,56 @@ spec:
         let base = feature("base", "base", "1.0.0", &[]);
         let user = feature("user", "derived", "1.0.0", &["base"]);
         assert_eq!(dependents("base", Some("shop"), &[base, user]), ["user"]);
+    }
+
+    #[tokio::test]
+    async fn a_version_is_retired_once_its_sunset_passes() {
+        use recsys_core::features::registry::{
+            FeatureRegistry, InProcessFeatureRegistry, Lifecycle, VersionSelector,
+        };
+        use recsys_crds::feature_definition::Deprecation;
+        let registry = Arc::new(InProcessFeatureRegistry::new());
+        let metrics = Arc::new(Metrics::default());
+        let client = in_process(registry.clone(), metrics.clone());
+        let lifecycle = |version: &'static str| {
+            let registry = registry.clone();
+            async move {
+                registry
+                    .get("popularity_score", &VersionSelector::Exact(version.into()))
+                    .await
+                    .expect("get")
+                    .expect("registered")
+                    .lifecycle()
+            }
+        };
+        let now = Timestamp::now();
+        let deprecated = |sunset_seconds: i64| {
+            let mut f = (*feature("pop", "popularity_score", "1.0.0", &[])).clone();
+            f.spec.deprecation = Some(Deprecation {
+                replaced_by: "popularity_v2".into(),
+                sunset: Some(Time(
+                    now.checked_add(jiff::SignedDuration::from_secs(sunset_seconds))
+                        .expect("time"),
+                )),
+                reason: None,
+            });
+            f
+        };
+        // Sunset ahead: deprecated, still served.
+        let ahead = deprecated(3600);
+        assert!(!sunset_passed(&ahead.spec, now));
+        let out = record(&client, &metrics, &ahead.spec).await;
+        assert!(matches!(out, RegistryOutcome::Registered { .. }), "{out:?}");
+        assert_eq!(lifecycle("1.0.0").await, Lifecycle::Deprecated);
+        // Sunset passed: retired, and recording it again stays quiet.
+        let passed = deprecated(-60);
+        assert!(sunset_passed(&passed.spec, now));
+        for _ in 0..2 {
+            let out = record(&client, &metrics, &passed.spec).await;
+            assert!(matches!(out, RegistryOutcome::Registered { .. }), "{out:?}");
+        }
+        assert_eq!(lifecycle("1.0.0").await, Lifecycle::Retired);
+        // No deprecation, no retirement.
+        assert!(!sunset_passed(&feature("x", "x", "1.0.0", &[]).spec, now));
     }
 }
