@@ -5,6 +5,7 @@
 //! clients' connection settings (Postgres, Redis, S3) and the telemetry every binary shares.
 
 pub mod artifacts;
+pub(crate) mod breaker;
 pub mod cf;
 pub mod events;
 pub mod exit;

@@ -12,8 +12,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -904,77 +902,7 @@ async fn the_service_over_postgres_and_redis() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Degradation: a redis-server of the test's own
 
-/// A redis-server of this test, killed when dropped.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn free_port() -> anyhow::Result<u16> {
-        Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-    }
-
-    async fn start(port: u16) -> anyhow::Result<Self> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting redis-server (is it installed? tests/env/up.sh needs it too)")?;
-        let me = Self {
-            port,
-            child: Some(child),
-        };
-        let url = me.url();
-        wait_for(
-            Duration::from_secs(10),
-            "own redis-server answering",
-            || async {
-                let client = redis::Client::open(url.as_str())?;
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
-                Ok(pong == "PONG")
-            },
-        )
-        .await?;
-        Ok(me)
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn signal(&self, sig: &str) -> anyhow::Result<()> {
-        let pid = self.child.as_ref().context("not running")?.id();
-        let status = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()?;
-        ensure!(status.success(), "kill {sig} failed");
-        Ok(())
-    }
-
-    fn kill(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        if let Some(child) = &self.child {
-            // A frozen server must be thawed to die cleanly.
-            let _ = Command::new("kill")
-                .args(["-CONT", &child.id().to_string()])
-                .status();
-        }
-        let _ = self.kill();
-    }
-}
+use recsys_tests::OwnRedis;
 
 fn encode(registry: &prometheus_client::registry::Registry) -> anyhow::Result<String> {
     let mut text = String::new();

@@ -309,3 +309,88 @@ pub async fn http_json(
     });
     Ok((status, v))
 }
+
+/// A redis-server of one test (to kill, freeze and restart under load without disturbing the
+/// environment's shared one), killed when dropped. Needs `redis-server` on `PATH`, which
+/// `tests/env/up.sh` installs.
+pub struct OwnRedis {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    /// A free port on 127.0.0.1.
+    pub fn free_port() -> anyhow::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    }
+
+    /// Starts a server on `port` and waits until it answers.
+    pub async fn start(port: u16) -> anyhow::Result<Self> {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting redis-server (is it installed? tests/env/up.sh needs it too)")?;
+        let me = Self {
+            port,
+            child: Some(child),
+        };
+        let url = me.url();
+        wait_for(
+            Duration::from_secs(10),
+            "own redis-server answering",
+            || async {
+                let client = redis::Client::open(url.as_str())?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
+                Ok(pong == "PONG")
+            },
+        )
+        .await?;
+        Ok(me)
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        Ok(self.child.as_ref().context("not running")?.id())
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`, ...) to it.
+    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([sig, &self.pid()?.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {sig} failed");
+        Ok(())
+    }
+
+    /// Kills it and waits for it.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A frozen server must be thawed to die cleanly.
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        let _ = self.kill();
+    }
+}

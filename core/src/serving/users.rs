@@ -112,7 +112,6 @@
 //!
 //! See [`UserStateMetrics`].
 
-mod breaker;
 mod codec;
 mod history;
 mod memory;

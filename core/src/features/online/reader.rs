@@ -3,7 +3,6 @@
 //! does not cost the budget on every call.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -14,6 +13,7 @@ use super::{
     Fallback, OnlineError, OnlineFeature, OnlineMetrics, OnlineStore, StoreStats, duration_ms,
     now_ms, validate_online,
 };
+use crate::breaker::{Breaker, Gate};
 
 /// Settings of a [`FeatureReader`].
 #[derive(Clone, Debug)]
@@ -162,102 +162,6 @@ impl FeatureBatch {
     }
 }
 
-/// The circuit breaker: lock-free, monotonic time.
-#[derive(Debug)]
-struct Breaker {
-    epoch: Instant,
-    threshold: u32,
-    cooldown_ms: i64,
-    max_cooldown_ms: i64,
-    failures: AtomicU32,
-    /// 0 while closed; otherwise the monotonic ms until which the store is skipped.
-    open_until_ms: AtomicI64,
-    probing: AtomicBool,
-}
-
-enum Gate {
-    Closed,
-    Probe,
-    Skip,
-}
-
-/// Clears the probing flag however the probe ends (cancellation included).
-struct ProbeGuard<'a>(Option<&'a AtomicBool>);
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(flag) = self.0 {
-            flag.store(false, Ordering::Release);
-        }
-    }
-}
-
-impl Breaker {
-    fn new(o: &ReaderOptions) -> Self {
-        Self {
-            epoch: Instant::now(),
-            threshold: o.failure_threshold.max(1),
-            cooldown_ms: duration_ms(o.cooldown).max(1),
-            max_cooldown_ms: duration_ms(o.max_cooldown).max(1),
-            failures: AtomicU32::new(0),
-            open_until_ms: AtomicI64::new(0),
-            probing: AtomicBool::new(false),
-        }
-    }
-
-    fn now(&self) -> i64 {
-        // +1 so that 0 always means "closed".
-        duration_ms(self.epoch.elapsed()) + 1
-    }
-
-    fn gate(&self) -> Gate {
-        let until = self.open_until_ms.load(Ordering::Acquire);
-        if until == 0 {
-            return Gate::Closed;
-        }
-        let now = self.now();
-        if now < until {
-            return Gate::Skip;
-        }
-        match self
-            .probing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => Gate::Probe,
-            Err(_) => Gate::Skip,
-        }
-    }
-
-    /// Returns whether the circuit was open.
-    fn success(&self) -> bool {
-        self.failures.store(0, Ordering::Release);
-        self.open_until_ms.swap(0, Ordering::AcqRel) != 0
-    }
-
-    /// Returns the cool-down when the circuit opens (or stays open).
-    fn failure(&self, probe: bool) -> Option<Duration> {
-        let n = self
-            .failures
-            .fetch_add(1, Ordering::AcqRel)
-            .saturating_add(1);
-        if !probe && n < self.threshold {
-            return None;
-        }
-        let doublings = n.saturating_sub(self.threshold).min(16);
-        let cooldown = self
-            .cooldown_ms
-            .saturating_mul(1i64 << doublings)
-            .min(self.max_cooldown_ms);
-        self.open_until_ms
-            .store(self.now() + cooldown, Ordering::Release);
-        Some(Duration::from_millis(cooldown as u64))
-    }
-
-    fn is_open(&self) -> bool {
-        self.open_until_ms.load(Ordering::Acquire) != 0
-    }
-}
-
 /// Serves feature reads for the scorer: one round trip to the online store, within a time
 /// budget, degrading to the fallback (and saying so value by value) when the store is down,
 /// slow or lacks a value. Never fails because of the store; fails only on a bad request.
@@ -290,7 +194,11 @@ impl FeatureReader {
         let metrics = OnlineMetrics::new();
         store.attach_metrics(&metrics);
         Self {
-            breaker: Breaker::new(&options),
+            breaker: Breaker::new(
+                options.failure_threshold,
+                options.cooldown,
+                options.max_cooldown,
+            ),
             store,
             fallback,
             options,
@@ -449,7 +357,8 @@ impl FeatureReader {
         entities: &[EntityKey],
         features: &[OnlineFeature],
     ) -> (Option<super::ValueMatrix>, StoreOutcome) {
-        let probe = match self.breaker.gate() {
+        let (gate, _guard) = self.breaker.gate();
+        let probe = match gate {
             Gate::Skip => {
                 self.metrics.online_read("skipped");
                 return (None, StoreOutcome::CircuitOpen);
@@ -457,7 +366,6 @@ impl FeatureReader {
             Gate::Probe => true,
             Gate::Closed => false,
         };
-        let _guard = ProbeGuard(probe.then_some(&self.breaker.probing));
         let timeout = self.options.online_timeout.min(self.options.budget);
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, self.store.read_batch(entities, features)).await;
@@ -625,53 +533,6 @@ fn missing(feature: &OnlineFeature) -> ServedValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn opts() -> ReaderOptions {
-        ReaderOptions {
-            failure_threshold: 2,
-            cooldown: Duration::from_millis(40),
-            max_cooldown: Duration::from_millis(100),
-            ..ReaderOptions::default()
-        }
-    }
-
-    #[test]
-    fn breaker_opens_after_threshold_probes_once_and_closes() {
-        let b = Breaker::new(&opts());
-        assert!(matches!(b.gate(), Gate::Closed));
-        assert_eq!(b.failure(false), None);
-        assert!(matches!(b.gate(), Gate::Closed));
-        assert_eq!(b.failure(false), Some(Duration::from_millis(40)));
-        assert!(matches!(b.gate(), Gate::Skip));
-        std::thread::sleep(Duration::from_millis(45));
-        // One probe at a time; the others keep skipping.
-        let probe = b.gate();
-        assert!(matches!(probe, Gate::Probe));
-        let guard = ProbeGuard(Some(&b.probing));
-        assert!(matches!(b.gate(), Gate::Skip));
-        // A failed probe doubles the cool-down, capped.
-        assert_eq!(b.failure(true), Some(Duration::from_millis(80)));
-        drop(guard);
-        assert!(matches!(b.gate(), Gate::Skip));
-        assert_eq!(b.failure(true), Some(Duration::from_millis(100)));
-        std::thread::sleep(Duration::from_millis(105));
-        assert!(matches!(b.gate(), Gate::Probe));
-        assert!(b.success());
-        b.probing.store(false, Ordering::Release);
-        assert!(matches!(b.gate(), Gate::Closed));
-        assert!(!b.is_open());
-    }
-
-    #[test]
-    fn a_cancelled_probe_does_not_wedge_the_circuit() {
-        let b = Breaker::new(&opts());
-        b.failure(false);
-        b.failure(false);
-        std::thread::sleep(Duration::from_millis(45));
-        assert!(matches!(b.gate(), Gate::Probe));
-        drop(ProbeGuard(Some(&b.probing)));
-        assert!(matches!(b.gate(), Gate::Probe));
-    }
 
     #[test]
     fn freshness_is_by_event_time_against_the_ttl() {

@@ -11,11 +11,11 @@ use serde::Serialize;
 use crate::cf::serving::ServingModel;
 use crate::events::EventRow;
 
-use super::breaker::{Breaker, Gate};
 use super::{
     CacheOptions, CachedState, FactorSource, Generation, Interaction, StateKey, UserHistory,
     UserStateCache, UserStateError, UserStateMetrics, now_ms, validate_events, validate_user_id,
 };
+use crate::breaker::{Breaker, Gate};
 
 /// Histories longer than this are folded in with `block_in_place` on a multi-threaded
 /// runtime, so that a long solve does not hold up the other tasks of its worker.

@@ -2,13 +2,13 @@
 //! dependency is skipped for a cool-down; then one call probes it while the others keep
 //! skipping; a failed probe doubles the cool-down (up to a maximum), a success closes it.
 //!
-//! The same scheme as the online store's reader (`features/online/reader.rs`), which keeps its
-//! own private copy; the two can share this one once that module is free to change.
+//! Used by the online store's reader (`features/online/reader.rs`) and by user states
+//! (`serving/users`).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::duration_ms;
+use crate::features::online::duration_ms;
 
 /// What a call may do.
 #[derive(Debug, PartialEq, Eq)]
