@@ -291,7 +291,7 @@ impl AppState {
 }
 
 /// One readiness check.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Check {
     /// Whether it passes.
     pub ok: bool,
@@ -327,7 +327,7 @@ impl Check {
 }
 
 /// What `/readyz` reports.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Readiness {
     /// Whether every required check passes.
     pub ready: bool,
@@ -335,6 +335,23 @@ pub struct Readiness {
     pub stores: String,
     /// Checks by name: `feature_catalog` (required), `online_store`, `model`.
     pub checks: BTreeMap<&'static str, Check>,
+}
+
+/// The OpenAPI document of the scorer's API, served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi as _;
+    #[derive(utoipa::OpenApi)]
+    #[openapi(
+        info(title = "recsys-scorer", description = "Recommendations, scores and features over HTTP; see docs/http-api.md"),
+        paths(readyz),
+        tags((name = "recommendations"), (name = "features"), (name = "probes"))
+    )]
+    struct Probes;
+    let mut doc = Probes::openapi();
+    doc.merge(recommend::routes::RecommendApi::openapi());
+    doc.merge(features::routes::FeatureApi::openapi());
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    doc
 }
 
 /// The service's router: the feature API (with debug-level access logs and request metrics),
@@ -368,6 +385,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))
         .with_state(state)
         .merge(api)
@@ -409,6 +427,9 @@ async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next
     response
 }
 
+/// Ready when the feature catalog and every model of the routing table are loaded.
+#[utoipa::path(get, path = "/readyz", tag = "probes",
+    responses((status = 200, body = Readiness), (status = 503, body = ApiError)))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let r = state.readiness();
     if r.ready {

@@ -933,3 +933,53 @@ async fn dependencies_down_at_start_do_not_stop_the_scorer() {
     assert_eq!(err.kind(), "InvalidOption");
     assert!(err.to_string().contains("--catalog-refresh"), "{err}");
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route() {
+    let f = fixture().await;
+    let (s, v) = get(&f.app, "/openapi.json").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(
+        v["openapi"].as_str().is_some_and(|o| o.starts_with("3.")),
+        "{v}"
+    );
+    assert_eq!(v["info"]["version"], env!("CARGO_PKG_VERSION"));
+    for (path, method) in [
+        ("/v1/recommendations", "get"),
+        ("/v1/scores", "post"),
+        ("/v1/events", "post"),
+        ("/v1/features", "get"),
+        ("/v1/features/batch", "post"),
+        ("/v1/features/users/{id}", "get"),
+        ("/v1/features/products/{id}", "get"),
+        ("/v1/features/{name}", "get"),
+        ("/readyz", "get"),
+    ] {
+        assert!(
+            v["paths"][path][method].is_object(),
+            "{method} {path} missing"
+        );
+    }
+    for schema in [
+        "Answer",
+        "Item",
+        "ScoresRequest",
+        "BatchRequest",
+        "BatchResponse",
+        "FeatureList",
+        "ApiError",
+        "PlainValue",
+    ] {
+        assert!(
+            v["components"]["schemas"][schema].is_object(),
+            "schema {schema} missing"
+        );
+    }
+    // The recommendation path names its closed set of values.
+    let paths = &v["components"]["schemas"]["Path"]["enum"];
+    assert_eq!(
+        paths,
+        &json!(["cf", "fold_in", "blend", "popularity", "content"]),
+        "{paths}"
+    );
+}

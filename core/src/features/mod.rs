@@ -30,7 +30,19 @@ pub fn local_registry_path(data_dir: &Path) -> PathBuf {
 }
 
 /// What a feature describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum EntityKind {
     /// A user.
@@ -59,7 +71,9 @@ impl fmt::Display for EntityKind {
 }
 
 /// One entity: its kind and id. A user × product pair's id is `<user>|<product>`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct EntityKey {
     /// Kind.
     pub kind: EntityKind,
@@ -144,7 +158,7 @@ pub struct StoredValue {
 }
 
 /// How a value read for serving came about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Freshness {
     /// Written within the feature's TTL.

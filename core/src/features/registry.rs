@@ -157,7 +157,7 @@ impl RegistryError {
 // The spec
 
 /// Type of a feature value (the CRD's `valueType`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum ValueType {
     /// 64-bit float.
@@ -508,7 +508,7 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
 // Records
 
 /// Where a registered version is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Lifecycle {
     /// In use.

@@ -88,7 +88,9 @@ pub fn bucket(salt: &str, user_id: &str) -> u16 {
 }
 
 /// Which side of a model's split a request is served from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// The stable version.

@@ -50,6 +50,11 @@ impl From<ApiError> for HttpError {
     }
 }
 
+/// The OpenAPI description of these routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(batch, user, product, list, describe))]
+pub struct FeatureApi;
+
 /// The feature routes over `service`.
 pub fn router(service: Arc<FeatureService>) -> Router {
     Router::new()
@@ -91,6 +96,11 @@ fn path_rejection(r: PathRejection) -> HttpError {
     ))
 }
 
+/// Features of many entities in one read.
+#[utoipa::path(post, path = "/v1/features/batch", tag = "features",
+    request_body = BatchRequest,
+    responses((status = 200, body = BatchResponse), (status = 400, body = ApiError),
+        (status = 413, body = ApiError), (status = 503, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all, fields(entities = tracing::field::Empty))]
 async fn batch(
     State(service): State<Arc<FeatureService>>,
@@ -122,6 +132,12 @@ async fn one(
     ))
 }
 
+/// Features of one user; without `features`, every online user feature.
+#[utoipa::path(get, path = "/v1/features/users/{id}", tag = "features",
+    params(("id" = String, Path, description = "user id"),
+        ("features" = Option<String>, Query, description = "comma-separated `name` or `name@vN`")),
+    responses((status = 200, body = BatchResponse), (status = 400, body = ApiError),
+        (status = 404, body = ApiError), (status = 503, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all)]
 async fn user(
     State(service): State<Arc<FeatureService>>,
@@ -131,6 +147,12 @@ async fn user(
     one(EntityKind::User, &service, id, query).await
 }
 
+/// Features of one product; without `features`, every online product feature.
+#[utoipa::path(get, path = "/v1/features/products/{id}", tag = "features",
+    params(("id" = String, Path, description = "product id"),
+        ("features" = Option<String>, Query, description = "comma-separated `name` or `name@vN`")),
+    responses((status = 200, body = BatchResponse), (status = 400, body = ApiError),
+        (status = 404, body = ApiError), (status = 503, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all)]
 async fn product(
     State(service): State<Arc<FeatureService>>,
@@ -140,6 +162,13 @@ async fn product(
     one(EntityKind::Product, &service, id, query).await
 }
 
+/// Discovery: the registered features matching every filter given.
+#[utoipa::path(get, path = "/v1/features", tag = "features",
+    params(("entity" = Option<String>, Query, description = "user, product or user_product"),
+        ("tag" = Option<String>, Query), ("owner" = Option<String>, Query),
+        ("q" = Option<String>, Query, description = "text in the name, description or tags"),
+        ("include_deprecated" = Option<bool>, Query), ("include_retired" = Option<bool>, Query)),
+    responses((status = 200, body = FeatureList), (status = 400, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all)]
 async fn list(
     State(service): State<Arc<FeatureService>>,
@@ -150,6 +179,10 @@ async fn list(
     Ok(Json(service.search(&query).await?))
 }
 
+/// One feature: its versions, lifecycle and last materialization per major version.
+#[utoipa::path(get, path = "/v1/features/{name}", tag = "features",
+    params(("name" = String, Path, description = "feature name")),
+    responses((status = 200, body = FeatureDetail), (status = 404, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all, fields(feature = tracing::field::Empty))]
 async fn describe(
     State(service): State<Arc<FeatureService>>,

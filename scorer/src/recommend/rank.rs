@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub const CF_FULL_AT: usize = 5;
 
 /// Which path produced a result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Path {
     /// Trained user factors.

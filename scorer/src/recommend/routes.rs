@@ -38,6 +38,11 @@ pub struct RecommendState {
     pub users: Arc<UserStates>,
 }
 
+/// The OpenAPI description of these routes.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(recommendations, scores, events))]
+pub struct RecommendApi;
+
 /// The recommendation routes.
 pub fn router(state: RecommendState) -> Router {
     Router::new()
@@ -90,6 +95,14 @@ pub fn parse_recommend_query(
     })
 }
 
+/// The top-k products for a user, with the version, variant and path that produced them.
+#[utoipa::path(get, path = "/v1/recommendations", tag = "recommendations",
+    params(("user_id" = String, Query), ("k" = Option<usize>, Query, description = "1 to --max-k (200), default 20"),
+        ("category" = Option<String>, Query, description = "only products of this category"),
+        ("exclude_seen" = Option<bool>, Query, description = "leave out the user's history (default true)"),
+        ("model" = Option<String>, Query, description = "the model (default the scorer's)")),
+    responses((status = 200, body = Answer), (status = 400, body = ApiError),
+        (status = 404, body = ApiError), (status = 503, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all)]
 async fn recommendations(
     State(s): State<RecommendState>,
@@ -100,7 +113,7 @@ async fn recommendations(
 }
 
 /// Body of `POST /v1/scores`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScoresRequest {
     /// The user.
@@ -112,6 +125,11 @@ pub struct ScoresRequest {
     pub model: Option<String>,
 }
 
+/// The user's affinity to each candidate and its ranking score, in request order.
+#[utoipa::path(post, path = "/v1/scores", tag = "recommendations",
+    request_body = ScoresRequest,
+    responses((status = 200, body = Answer), (status = 400, body = ApiError),
+        (status = 404, body = ApiError), (status = 503, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all)]
 async fn scores(
     State(s): State<RecommendState>,
@@ -126,7 +144,7 @@ async fn scores(
 }
 
 /// Body of `POST /v1/events`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {
     /// Events, each as a line of the JSON-lines events format: `user_id`, `product_id`,
@@ -137,7 +155,7 @@ pub struct EventsRequest {
 }
 
 /// Answer of `POST /v1/events`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventsAccepted {
     /// Events new to the store (a repeated event id is not counted twice).
     pub new: u64,
@@ -190,6 +208,11 @@ pub fn parse_events(values: &[serde_json::Value], now_ms: i64) -> Result<Vec<Eve
         .collect()
 }
 
+/// Records interactions and invalidates the users' cached state.
+#[utoipa::path(post, path = "/v1/events", tag = "recommendations",
+    request_body = EventsRequest,
+    responses((status = 202, body = EventsAccepted), (status = 400, body = ApiError),
+        (status = 503, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all)]
 async fn events(
     State(s): State<RecommendState>,

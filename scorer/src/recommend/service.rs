@@ -84,7 +84,7 @@ impl Default for RecommendOptions {
 }
 
 /// One recommended or scored product.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Item {
     /// Product id.
     pub product_id: String,
@@ -100,7 +100,7 @@ pub struct Item {
 }
 
 /// The ranking features of a product, as used.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ItemFeatures {
     /// `popularity_score`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,7 +114,7 @@ pub struct ItemFeatures {
 }
 
 /// The answer of `GET /v1/recommendations` and `POST /v1/scores`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Answer {
     /// The user.
     pub user_id: String,

@@ -38,7 +38,7 @@ pub const MAX_ENTITIES: usize = 1_000;
 pub const MAX_FEATURES: usize = 500;
 
 /// Body of `POST /v1/features/batch`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchRequest {
     /// Entities, each `{"kind": "user"|"product"|"user_product", "id": …}`.
     pub entities: Vec<EntityKey>,
@@ -47,7 +47,7 @@ pub struct BatchRequest {
 }
 
 /// One feature column of an answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeatureColumn {
     /// Name.
     pub name: String,
@@ -64,6 +64,22 @@ pub struct FeatureColumn {
 /// A value as plain JSON: a number, a string or an array of numbers.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlainValue(pub FeatureValue);
+
+impl utoipa::PartialSchema for PlainValue {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Number))
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::Number)))
+            .description(Some(
+                "A feature value: a number (float or int), a string, or an array of numbers",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for PlainValue {}
 
 impl Serialize for PlainValue {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -96,7 +112,7 @@ impl<'de> Deserialize<'de> for PlainValue {
 }
 
 /// The features of one entity, as parallel arrays (one entry per feature column).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Row {
     /// Values; `null` when missing.
     pub values: Vec<Option<PlainValue>>,
@@ -107,7 +123,7 @@ pub struct Row {
 }
 
 /// Answer of the three routes.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchResponse {
     /// Feature columns, in request order.
     pub features: Vec<FeatureColumn>,
@@ -171,7 +187,7 @@ impl BatchResponse {
 }
 
 /// An error answer: `{"error": kind, "message": …}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiError {
     /// Stable kind.
     pub error: String,
@@ -704,7 +720,7 @@ pub fn check_feature_name(name: &str) -> Result<(), ApiError> {
 // Discovery
 
 /// Where a discovery answer comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
     /// The registry, asked for this request.
@@ -715,7 +731,7 @@ pub enum Source {
 }
 
 /// One registered feature version, as discovery lists it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeatureSummary {
     /// Name.
     pub name: String,
@@ -776,7 +792,7 @@ impl FeatureSummary {
 }
 
 /// Answer of `GET /v1/features`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeatureList {
     /// Matching versions, by name then version.
     pub features: Vec<FeatureSummary>,
@@ -788,7 +804,7 @@ pub struct FeatureList {
 }
 
 /// A materialization run, as discovery shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MaterializationInfo {
     /// The time the values describe (ms since the epoch).
     pub at_ms: i64,
@@ -809,7 +825,7 @@ impl From<&Materialization> for MaterializationInfo {
 }
 
 /// One registered version of a feature, in [`FeatureDetail`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VersionDetail {
     /// Semantic version.
     pub version: String,
@@ -831,11 +847,12 @@ pub struct VersionDetail {
     /// Whether this server serves this version for its major version.
     pub served: bool,
     /// The definition as registered (the `FeatureDefinition` spec, in its camelCase spelling).
+    #[schema(value_type = Object)]
     pub spec: FeatureSpec,
 }
 
 /// One major version of a feature, in [`FeatureDetail`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MajorDetail {
     /// Major version.
     pub major: u64,
@@ -849,7 +866,7 @@ pub struct MajorDetail {
 }
 
 /// Answer of `GET /v1/features/{name}`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FeatureDetail {
     /// Name.
     pub name: String,
