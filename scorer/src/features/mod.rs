@@ -201,6 +201,15 @@ impl FeatureService {
         self.snapshot().catalog.clone()
     }
 
+    /// Resolves a feature (`name`, `name@vN`) against the catalog in use, without copying it
+    /// (the request path of recommendations).
+    pub fn resolve(
+        &self,
+        spec: &str,
+    ) -> Result<recsys_core::features::online::OnlineFeature, ApiError> {
+        self.snapshot().catalog.resolve(spec)
+    }
+
     /// How the catalog's refreshes are going.
     pub fn catalog_status(&self) -> CatalogStatus {
         self.status

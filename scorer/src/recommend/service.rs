@@ -392,7 +392,75 @@ impl Recommender {
             .map_err(|e| ApiError::new(500, "Internal", format!("scoring failed: {e}")))
     }
 
-    /// Reads popularity and freshness of `products` and the user's category affinity.
+    fn resolve(&self, f: &FeatureRef) -> Option<OnlineFeature> {
+        self.features
+            .resolve(&format!("{}@{}", f.name, f.major))
+            .ok()
+    }
+
+    /// `popularity_score` and `freshness_score` of `products`, one read; a feature not in the
+    /// catalog counts as missing.
+    async fn product_signals(
+        &self,
+        products: &[String],
+    ) -> HashMap<String, (Option<f64>, Option<f64>)> {
+        let resolved = [&self.options.popularity, &self.options.freshness].map(|f| self.resolve(f));
+        if products.is_empty() || resolved.iter().all(Option::is_none) {
+            return HashMap::new();
+        }
+        let features: Vec<OnlineFeature> = resolved
+            .iter()
+            .zip([&self.options.popularity, &self.options.freshness])
+            .map(|(r, f)| {
+                r.clone()
+                    .unwrap_or_else(|| OnlineFeature::new(f.clone(), Duration::from_secs(1)))
+            })
+            .collect();
+        let entities: Vec<EntityKey> = products
+            .iter()
+            .map(|p| EntityKey::product(p.clone()))
+            .collect();
+        let Ok(batch) = self.features.reader().read(&entities, &features).await else {
+            return HashMap::new();
+        };
+        let float = |known: bool, v: &Option<FeatureValue>| match v {
+            Some(FeatureValue::Float(x)) if known => Some(*x),
+            Some(FeatureValue::Int(x)) if known => Some(*x as f64),
+            _ => None,
+        };
+        products
+            .iter()
+            .enumerate()
+            .map(|(e, p)| {
+                let row = batch.row(e);
+                let pop = float(resolved[0].is_some(), &row[0].value);
+                let fresh = float(resolved[1].is_some(), &row[1].value);
+                (p.clone(), (pop, fresh))
+            })
+            .collect()
+    }
+
+    /// The user's `user_category_affinity` shares; none when missing or unreadable.
+    async fn user_affinity(&self, user_id: &str) -> BTreeMap<String, f64> {
+        let Some(f) = self.resolve(&self.options.affinity) else {
+            return BTreeMap::new();
+        };
+        let user = [EntityKey::user(user_id.to_owned())];
+        match self
+            .features
+            .reader()
+            .read(&user, std::slice::from_ref(&f))
+            .await
+        {
+            Ok(b) => match &b.row(0)[0].value {
+                Some(FeatureValue::String(s)) => rank::parse_affinity(s),
+                _ => BTreeMap::new(),
+            },
+            Err(_) => BTreeMap::new(),
+        }
+    }
+
+    /// Product signals and the user's affinity, read concurrently.
     async fn signals(
         &self,
         user_id: &str,
@@ -401,67 +469,7 @@ impl Recommender {
         HashMap<String, (Option<f64>, Option<f64>)>,
         BTreeMap<String, f64>,
     ) {
-        let catalog = self.features.catalog();
-        let resolve = |f: &FeatureRef| -> Option<OnlineFeature> {
-            catalog.resolve(&format!("{}@{}", f.name, f.major)).ok()
-        };
-        let reader = self.features.reader();
-        let product_features: Vec<OnlineFeature> =
-            [&self.options.popularity, &self.options.freshness]
-                .into_iter()
-                .map(|f| {
-                    resolve(f)
-                        .unwrap_or_else(|| OnlineFeature::new(f.clone(), Duration::from_secs(1)))
-                })
-                .collect();
-        let known_product_features =
-            [&self.options.popularity, &self.options.freshness].map(|f| resolve(f).is_some());
-        let entities: Vec<EntityKey> = products
-            .iter()
-            .map(|p| EntityKey::product(p.clone()))
-            .collect();
-        let user_feature = resolve(&self.options.affinity);
-        let user_entity = [EntityKey::user(user_id.to_owned())];
-        let (products_read, user_read) = tokio::join!(
-            async {
-                if entities.is_empty() || !known_product_features.iter().any(|k| *k) {
-                    return None;
-                }
-                reader.read(&entities, &product_features).await.ok()
-            },
-            async {
-                let f = user_feature.as_ref()?;
-                reader
-                    .read(&user_entity, std::slice::from_ref(f))
-                    .await
-                    .ok()
-            }
-        );
-        let float = |v: &Option<FeatureValue>| match v {
-            Some(FeatureValue::Float(x)) => Some(*x),
-            Some(FeatureValue::Int(x)) => Some(*x as f64),
-            _ => None,
-        };
-        let mut out = HashMap::with_capacity(products.len());
-        if let Some(batch) = products_read {
-            for (e, p) in products.iter().enumerate() {
-                let row = batch.row(e);
-                let pop = known_product_features[0]
-                    .then(|| float(&row[0].value))
-                    .flatten();
-                let fresh = known_product_features[1]
-                    .then(|| float(&row[1].value))
-                    .flatten();
-                out.insert(p.clone(), (pop, fresh));
-            }
-        }
-        let affinity = user_read
-            .and_then(|b| match &b.row(0)[0].value {
-                Some(FeatureValue::String(s)) => Some(rank::parse_affinity(s)),
-                _ => None,
-            })
-            .unwrap_or_default();
-        (out, affinity)
+        tokio::join!(self.product_signals(products), self.user_affinity(user_id))
     }
 
     /// `GET /v1/recommendations`.
@@ -553,7 +561,7 @@ impl Recommender {
         }
         let (signals, affinity) = if share < 1.0 {
             // The user's affinity first: it narrows the popularity candidates.
-            let (_, affinity) = self.signals(&req.user_id, &[]).await;
+            let affinity = self.user_affinity(&req.user_id).await;
             if let Some(r) = &rankings {
                 let pop: Vec<(&str, f64)> = match &req.category {
                     Some(c) => r
@@ -579,8 +587,7 @@ impl Recommender {
                 }
             }
             let ids: Vec<String> = candidates.iter().map(|c| c.0.clone()).collect();
-            let (signals, _) = self.signals(&req.user_id, &ids).await;
-            (signals, affinity)
+            (self.product_signals(&ids).await, affinity)
         } else {
             let ids: Vec<String> = candidates.iter().map(|c| c.0.clone()).collect();
             self.signals(&req.user_id, &ids).await
