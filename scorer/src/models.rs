@@ -267,11 +267,19 @@ impl ModelManager {
         let mut refused = vec![];
         for route in table.routes() {
             let model = route.model();
+            // One read of the model's index resolves every name the route gives.
+            let index = self.registry.index(model).await.map_err(|e| e.to_string());
             for name in route.versions() {
-                let resolved = match self.registry.resolve(model, name).await {
-                    Ok(version) => Ok(version),
-                    Err(e) => Err(e.to_string()),
-                };
+                let resolved = index.as_ref().map_err(Clone::clone).and_then(|index| {
+                    index
+                        .resolve(name)
+                        .map(|entry| entry.version.clone())
+                        .ok_or_else(|| {
+                            format!(
+                                "model {model} has no version or alias {name:?} in its registry"
+                            )
+                        })
+                });
                 let got = match resolved {
                     Ok(version) => match by_version.get(&(model.to_owned(), version.clone())) {
                         Some(m) => {
