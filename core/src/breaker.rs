@@ -87,14 +87,29 @@ impl Breaker {
         self.open_until_ms.swap(0, Ordering::AcqRel) != 0
     }
 
-    /// Records a failure; returns the cool-down when the circuit opens (or stays open).
+    /// Records a failure; returns the cool-down when the circuit opens (or a failed probe
+    /// keeps it open). A call let through while the circuit was closed that fails once it is
+    /// open changes nothing: under load many calls are in flight when a dependency goes down,
+    /// and their failures must neither double nor extend the cool-down.
     pub(crate) fn failure(&self, probe: bool) -> Option<Duration> {
+        if !probe && self.is_open() {
+            return None;
+        }
         let n = self
             .failures
             .fetch_add(1, Ordering::AcqRel)
             .saturating_add(1);
-        if !probe && n < self.threshold {
-            return None;
+        if !probe {
+            if n < self.threshold {
+                return None;
+            }
+            // Of concurrent failures past the threshold, one opens the circuit.
+            let until = self.now() + self.cooldown_ms;
+            self.open_until_ms
+                .compare_exchange(0, until, Ordering::AcqRel, Ordering::Acquire)
+                .ok()?;
+            self.failures.store(self.threshold, Ordering::Release);
+            return Some(Duration::from_millis(self.cooldown_ms as u64));
         }
         let doublings = n.saturating_sub(self.threshold).min(16);
         let cooldown = self
@@ -146,6 +161,23 @@ mod tests {
         assert_eq!(b.gate().0, Gate::Closed);
         assert!(!b.is_open());
         assert!(!b.success(), "already closed");
+    }
+
+    #[test]
+    fn calls_in_flight_when_it_opens_neither_double_nor_extend_the_cool_down() {
+        let b = breaker();
+        b.failure(false);
+        assert_eq!(b.failure(false), Some(Duration::from_millis(40)));
+        // Five more calls let through before it opened fail now.
+        for _ in 0..5 {
+            assert_eq!(b.failure(false), None);
+        }
+        std::thread::sleep(Duration::from_millis(45));
+        let (gate, guard) = b.gate();
+        assert_eq!(gate, Gate::Probe);
+        // The first failed probe doubles the base cool-down once.
+        assert_eq!(b.failure(true), Some(Duration::from_millis(80)));
+        drop(guard);
     }
 
     #[test]

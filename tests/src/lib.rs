@@ -16,6 +16,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, Config};
 use tokio::sync::OnceCell;
 
+pub mod recommend;
+
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -308,6 +310,17 @@ pub async fn http_json(
         serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     });
     Ok((status, v))
+}
+
+/// The value of the first line of a Prometheus text exposition that starts with
+/// `line_start` (a series with its labels, e.g. `user_state_requests_total{cache="hit"}`);
+/// 0 when there is none.
+pub fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// A redis-server of one test (to kill, freeze and restart under load without disturbing the
