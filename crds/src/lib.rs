@@ -30,7 +30,7 @@ pub use feature_definition::{
     Entity, FeatureDefinition, FeatureDefinitionSpec, FeatureDefinitionStatus, ValueType,
 };
 pub use model_deployment::{
-    ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, RolloutStep, Stage,
+    ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, RolloutRecord, RolloutStep, Stage,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

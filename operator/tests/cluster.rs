@@ -8,7 +8,9 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -17,9 +19,14 @@ use recsys_core::features::FeatureRef;
 use recsys_core::features::registry::{
     FeatureRegistry, Lifecycle, PostgresFeatureRegistry, VersionSelector,
 };
+use recsys_core::serving::routing::{
+    RoutingFormat, RoutingMetrics, RoutingSource as _, RoutingTable,
+};
 use recsys_crds::common::find_condition;
 use recsys_crds::feature_definition::Freshness;
 use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDeployment};
+use recsys_operator::controller::model_deployment::ROUTING_KEY;
+use recsys_scorer::recommend::cluster_routing::{ConfigMapRef, ConfigMapRoutingSource};
 use recsys_tests::{TestEnv, TestNamespace, example, install_crds, wait_for};
 use serde_json::json;
 
@@ -209,9 +216,9 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     );
     assert_eq!(fd_status.registered_version, None);
     let bj = wait_conditions(&bjs, "popularity", "True", "True", "Scheduled").await?;
-    let md = wait_conditions(&mds, "als", "True", "False", "RolloutNotImplemented").await?;
+    let md = wait_conditions(&mds, "als", "True", "True", "RoutingPublished").await?;
     assert_eq!(
-        md.status.and_then(|s| s.candidate_version).as_deref(),
+        md.status.and_then(|s| s.stable_version).as_deref(),
         Some("20261126-0200")
     );
 
@@ -756,5 +763,135 @@ async fn an_unreachable_registry_degrades_features_only_and_recovers() -> anyhow
             .await?
             .is_some()
     );
+    Ok(())
+}
+
+/// The routing table of a ModelDeployment as the scorer reads it.
+fn routing_of(cm: &ConfigMap) -> anyhow::Result<RoutingTable> {
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(ROUTING_KEY))
+        .context("the ConfigMap has no routing.yaml")?;
+    Ok(RoutingTable::parse(text, RoutingFormat::Yaml, "test")?)
+}
+
+#[tokio::test]
+async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-routing").await?;
+    let mut op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+
+    // A scorer's in-cluster source, started before the table exists: it serves nothing.
+    let metrics = RoutingMetrics::new();
+    let source = ConfigMapRoutingSource::start(
+        client.clone(),
+        ConfigMapRef {
+            namespace: ns.name.clone(),
+            name: "als-routing".into(),
+            key: ROUTING_KEY.into(),
+        },
+        metrics.clone(),
+    )
+    .await?;
+    assert!(source.current().is_empty(), "{}", source.current());
+
+    // The first version is stable at once, and the table routes every user to it.
+    let mut body = example("modeldeployment", &ns.name)?;
+    apply(&mds, "als", &body).await?;
+    let md = wait_conditions(&mds, "als", "True", "True", "RoutingPublished").await?;
+    let status = md.status.clone().unwrap_or_default();
+    assert_eq!(status.stable_version.as_deref(), Some("20261126-0200"));
+    assert_eq!(status.history.len(), 1, "{:?}", status.history);
+    let cm = cms.get("als-routing").await?;
+    assert_eq!(cm.owner_references()[0].uid, md.uid().unwrap_or_default());
+    let table = routing_of(&cm)?;
+    let route = table.route("als").context("route als")?;
+    assert_eq!((route.stable(), route.salt()), ("20261126-0200", "2026-q4"));
+
+    // The scorer's source follows through the watch.
+    wait_for(WAIT, "the scorer's source to load the table", || async {
+        Ok(source.current().route("als").map(|r| r.stable().to_owned())
+            == Some("20261126-0200".to_owned()))
+    })
+    .await?;
+
+    // A new version waits as the candidate; the table keeps every user on stable.
+    body["spec"]["version"] = json!("20261127-0200");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "the candidate in status", || async {
+        let s = mds.get("als").await?.status.unwrap_or_default();
+        let progressing = find_condition(&s.conditions, "Progressing")
+            .map(|c| (c.status.clone(), c.reason.clone()));
+        Ok(s.candidate_version.as_deref() == Some("20261127-0200")
+            && progressing == Some(("False".into(), "RolloutNotImplemented".into())))
+    })
+    .await?;
+    let route_now = routing_of(&cms.get("als-routing").await?)?;
+    assert_eq!(
+        route_now.route("als").map(|r| r.stable()),
+        Some("20261126-0200")
+    );
+    assert_eq!(route_now.route("als").and_then(|r| r.canary()), None);
+
+    // A changed salt reaches the scorer's source.
+    let loads = |m: &RoutingMetrics| {
+        let mut registry = prometheus_client::registry::Registry::default();
+        m.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text
+    };
+    body["spec"]["routingSalt"] = json!("2027-q1");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "the new salt in the scorer's source", || async {
+        Ok(source.current().route("als").map(|r| r.salt().to_owned()) == Some("2027-q1".into()))
+    })
+    .await?;
+
+    // A hand-edited or deleted table is put back by the operator; meanwhile the scorer keeps
+    // the last good table.
+    let serving = source.current();
+    cms.patch(
+        "als-routing",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"data": {ROUTING_KEY: "formatVersion: 1\nmodels: {als: {stable: '..'}}\n"}}),
+        ),
+    )
+    .await?;
+    wait_for(WAIT, "the operator to restore the edited table", || async {
+        Ok(routing_of(&cms.get("als-routing").await?)
+            .is_ok_and(|t| t.route("als").is_some_and(|r| r.salt() == "2027-q1")))
+    })
+    .await?;
+    cms.delete("als-routing", &DeleteParams::default()).await?;
+    wait_for(
+        WAIT,
+        "the operator to recreate the deleted table",
+        || async { Ok(cms.get_opt("als-routing").await?.is_some()) },
+    )
+    .await?;
+    // The scorer saw both bad states, refused them, and loaded exactly two tables: the first
+    // and the new salt (a new candidate alone does not change the routes).
+    let refused = wait_for(WAIT, "the scorer to report the refused states", || async {
+        let text = loads(&metrics);
+        Ok(
+            text.contains("routing_table_reload_failures_total{kind=\"Invalid\"} 1")
+                // Missing twice: at the start, before the operator wrote it, and deleted.
+                && text.contains("routing_table_reload_failures_total{kind=\"Missing\"} 2"),
+        )
+    })
+    .await;
+    refused.with_context(|| loads(&metrics))?;
+    assert!(
+        loads(&metrics).contains("routing_table_reloads_total{outcome=\"ok\"} 2"),
+        "{}",
+        loads(&metrics)
+    );
+    assert_eq!(source.current(), serving);
+
+    op.kill();
     Ok(())
 }

@@ -266,18 +266,23 @@ impl AppState {
                     .map(|(m, v)| format!("{m}@{v}"))
                     .collect::<Vec<_>>()
                     .join(", ");
-                if snapshot.is_ready() {
-                    Check::ok(format!("loaded: {loaded}"))
-                } else if snapshot.table.is_none() {
-                    Check::failed("no routing table loaded yet".into())
-                } else {
-                    let missing = snapshot
-                        .missing
-                        .iter()
-                        .map(|(m, why)| format!("{m}: {why}"))
-                        .collect::<Vec<_>>()
-                        .join("; ");
-                    Check::failed(format!("not loaded: {missing}"))
+                let default_model = &r.recommender.options().default_model;
+                match &snapshot.table {
+                    None => Check::failed("no routing table loaded yet".into()),
+                    Some(t) if t.route(default_model).is_none() => Check::failed(format!(
+                        "routing table {} has no route for the default model {default_model}",
+                        t.revision()
+                    )),
+                    Some(_) if snapshot.is_ready() => Check::ok(format!("loaded: {loaded}")),
+                    Some(_) => {
+                        let missing = snapshot
+                            .missing
+                            .iter()
+                            .map(|(m, why)| format!("{m}: {why}"))
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        Check::failed(format!("not loaded: {missing}"))
+                    }
                 }
             }
         };

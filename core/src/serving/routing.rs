@@ -57,8 +57,8 @@ use sha2::{Digest as _, Sha256};
 pub use document::{CanaryDocument, FORMAT_VERSION, RouteDocument, RoutingDocument, RoutingFormat};
 pub use metrics::RoutingMetrics;
 pub use source::{
-    DEFAULT_POLL_INTERVAL, FileRoutingOptions, FileRoutingSource, MAX_FILE_BYTES, RoutingSource,
-    StaticRoutingSource,
+    DEFAULT_POLL_INTERVAL, FileRoutingOptions, FileRoutingSource, MAX_FILE_BYTES, RoutingPublisher,
+    RoutingSource, StaticRoutingSource,
 };
 
 /// Number of hash buckets: weights are compared in basis points (`weight × 100`), so shares
@@ -309,6 +309,16 @@ impl RoutingTable {
         })
     }
 
+    /// A table routing no model, with `revision`: what a source serves before its first
+    /// table arrives (every request for a model is then refused, and the scorer is not ready).
+    pub fn empty(revision: &str) -> Result<Self, ValidationError> {
+        Self::from_document(RoutingDocument {
+            format_version: FORMAT_VERSION,
+            revision: Some(revision.to_owned()),
+            models: BTreeMap::new(),
+        })
+    }
+
     /// The file form of this table, with the salts and the revision written out (so the same
     /// table parses back identical).
     pub fn to_document(&self) -> RoutingDocument {
@@ -434,6 +444,14 @@ pub enum RoutingError {
         /// The parser's message, with the field path (YAML) or line and column.
         message: String,
     },
+    /// The table is not there: its ConfigMap, or the key in it, does not exist.
+    #[error("routing table {origin} is missing: {message}")]
+    Missing {
+        /// Where the table was looked for.
+        origin: String,
+        /// What is missing.
+        message: String,
+    },
     /// Well-formed, but a value breaks a rule.
     #[error("routing table {origin} is invalid: {source}")]
     Invalid {
@@ -451,6 +469,7 @@ impl RoutingError {
             Self::Read { .. } => "Unreadable",
             Self::TooLarge { .. } => "TooLarge",
             Self::Parse { .. } => "Unparsable",
+            Self::Missing { .. } => "Missing",
             Self::Invalid { .. } => "Invalid",
         }
     }

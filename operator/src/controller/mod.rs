@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -521,7 +522,10 @@ pub async fn run_all(
                 Some(ObjectRef::new(owner).within(&job.namespace()?))
             },
         );
-    let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config);
+    let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config).owns(
+        scope.api::<ConfigMap>(&client),
+        watcher::Config::default().labels(model_deployment::ROUTING_LABEL),
+    );
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),

@@ -1,18 +1,50 @@
-//! ModelDeployment controller, first version: validates the spec beyond the schema and keeps
-//! status (conditions, observedGeneration, the candidate). The rollout itself (scorer
-//! Deployment, routing table, step progression, analysis) is not in this version: Ready stays
-//! False with reason `RolloutNotImplemented`, said plainly rather than pretending.
+//! ModelDeployment controller: validates the spec beyond the schema, keeps status
+//! (conditions, observedGeneration, stable and candidate versions, history) and publishes the
+//! model's routing table in a ConfigMap that the scorer pods watch
+//! (`scorer --routing-configmap <name>-routing`).
+//!
+//! What this version does and does not do:
+//! - The first version of a model has nothing to be compared with, so it becomes stable at
+//!   once (as Argo Rollouts and Flagger do with an initial deployment), and the routing table
+//!   sends every user to it. `Ready` is then True with reason `RoutingPublished`.
+//! - A later version is recorded as the candidate, and `Progressing` is False with reason
+//!   `RolloutNotImplemented`: the steps (shadow, canary weights, pauses, analysis, promotion,
+//!   rollback) are not run yet, so the stable version keeps every user. Said plainly rather
+//!   than pretending.
+//! - The scorer Deployment, Service and PodDisruptionBudget are not created yet; scorer pods
+//!   started by other means serve the table.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use recsys_crds::common::ConditionStatus;
-use recsys_crds::{ModelDeployment, ModelDeploymentStatus};
+use kube::{Resource, ResourceExt};
+use recsys_core::serving::routing::{
+    CanaryDocument, FORMAT_VERSION, RouteDocument, RoutingDocument, RoutingTable,
+};
+use recsys_crds::common::{self, ConditionStatus};
+use recsys_crds::{ModelDeployment, ModelDeploymentStatus, RolloutRecord, Stage};
 use tracing::instrument;
 
-use super::{Assessment, Context, Error, Problem, stamped, write_status};
+use super::{Assessment, Context, Error, FIELD_MANAGER, Problem, stamped, write_status};
+
+/// Key of the routing table in its ConfigMap (what `scorer --routing-configmap-key` defaults to).
+pub const ROUTING_KEY: &str = "routing.yaml";
+/// Label on every ConfigMap holding a routing table; its value is the ModelDeployment's name.
+pub const ROUTING_LABEL: &str = "recsys.io/routing-for";
+/// Condition: a rollout is under way (or waiting to be).
+pub const PROGRESSING: &str = "Progressing";
+/// Most rollouts kept in `status.history`.
+const HISTORY_LIMIT: usize = 20;
+
+/// Name of the ConfigMap holding the routing table of `md`.
+pub fn routing_configmap_name(md: &ModelDeployment) -> String {
+    format!("{}-routing", md.name_any())
+}
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "modeldeployment";
@@ -70,44 +102,213 @@ pub fn validate(md: &ModelDeployment) -> Vec<Problem> {
     problems
 }
 
-/// Assessment of a ModelDeployment.
+/// Assessment of a ModelDeployment: the spec's problems, and readiness once its routing table
+/// is published.
 pub fn assess(md: &ModelDeployment) -> Assessment {
     let problems = validate(md);
     if !problems.is_empty() {
         return Assessment::invalid(problems);
     }
+    let stable = md
+        .status
+        .as_ref()
+        .and_then(|s| s.stable_version.as_deref())
+        .unwrap_or(&md.spec.version);
     Assessment::accepted(
-        ConditionStatus::False,
-        "RolloutNotImplemented",
+        ConditionStatus::True,
+        "RoutingPublished",
         format!(
-            "spec accepted; this operator version does not deploy scorers or move traffic yet, so {} {} is not served",
-            md.spec.model, md.spec.version
+            "ConfigMap {} routes every user of model {} to stable version {stable}; scorer pods started with --routing-configmap {} serve it (this operator version does not create scorer pods)",
+            routing_configmap_name(md),
+            md.spec.model,
+            routing_configmap_name(md),
         ),
     )
 }
 
-/// The status for `assessment`.
+/// The status for `assessment`: the first version becomes stable at once; a later one is the
+/// candidate, waiting (the rollout steps are not run by this version).
 pub fn desired_status(
     md: &ModelDeployment,
     assessment: &Assessment,
     now: Timestamp,
 ) -> ModelDeploymentStatus {
+    let generation = md.metadata.generation;
     let mut status: ModelDeploymentStatus =
-        stamped(md.status.as_ref(), assessment, md.metadata.generation, now);
-    if assessment.is_accepted()
-        && status.stable_version.as_deref() != Some(md.spec.version.as_str())
-    {
-        status.candidate_version = Some(md.spec.version.clone());
+        stamped(md.status.as_ref(), assessment, generation, now);
+    if !assessment.is_accepted() {
+        return status;
     }
+    let version = &md.spec.version;
+    let progressing = match status.stable_version.clone() {
+        None => {
+            status.stable_version = Some(version.clone());
+            status.candidate_version = None;
+            status.stage = Stage::Promoted;
+            status.canary_weight = 0;
+            status.current_step = None;
+            status.history.insert(
+                0,
+                RolloutRecord {
+                    version: version.clone(),
+                    outcome: Stage::Promoted,
+                    reason: "InitialVersion: the model had no stable version to compare with"
+                        .to_owned(),
+                    finished_at: Time(now),
+                },
+            );
+            status.history.truncate(HISTORY_LIMIT);
+            common::condition(
+                PROGRESSING,
+                ConditionStatus::False,
+                "InitialVersion",
+                format!(
+                    "{version} is the first version of {}: stable at once",
+                    md.spec.model
+                ),
+                generation,
+                now,
+            )
+        }
+        Some(stable) if &stable == version => {
+            status.candidate_version = None;
+            status.stage = Stage::Promoted;
+            status.canary_weight = 0;
+            status.current_step = None;
+            let settled = common::find_condition(&status.conditions, PROGRESSING)
+                .is_some_and(|c| c.status == "False" && c.reason == "InitialVersion");
+            if settled {
+                // Still the first version: the condition keeps saying how it became stable.
+                return status;
+            }
+            common::condition(
+                PROGRESSING,
+                ConditionStatus::False,
+                "NothingToRollOut",
+                format!("{version} is the stable version"),
+                generation,
+                now,
+            )
+        }
+        Some(stable) => {
+            status.candidate_version = Some(version.clone());
+            status.stage = Stage::Pending;
+            status.canary_weight = 0;
+            common::condition(
+                PROGRESSING,
+                ConditionStatus::False,
+                "RolloutNotImplemented",
+                format!(
+                    "candidate {version} waits: this operator version does not run rollout steps yet, so stable {stable} keeps every user"
+                ),
+                generation,
+                now,
+            )
+        }
+    };
+    common::set_condition(&mut status.conditions, progressing);
     status
 }
 
-/// Reconciles one ModelDeployment.
+/// The routing table `status` calls for: stable for everyone, the candidate shadowed during a
+/// shadow stage and taking `canaryWeight`% of users during a canary stage.
+pub fn routing_document(md: &ModelDeployment, status: &ModelDeploymentStatus) -> RoutingDocument {
+    let stable = status
+        .stable_version
+        .clone()
+        .unwrap_or_else(|| md.spec.version.clone());
+    let candidate = status.candidate_version.clone().filter(|c| *c != stable);
+    let (canary, shadow) = match (status.stage, candidate) {
+        (Stage::Shadow, Some(c)) => (None, Some(c)),
+        (Stage::Canary | Stage::Paused, Some(c)) if status.canary_weight > 0 => (
+            Some(CanaryDocument {
+                version: c,
+                weight: i64::from(status.canary_weight),
+            }),
+            None,
+        ),
+        _ => (None, None),
+    };
+    RoutingDocument {
+        format_version: FORMAT_VERSION,
+        // The content hash: a table whose routes did not change is the same table, and the
+        // scorers do not reload it.
+        revision: None,
+        models: BTreeMap::from([(
+            md.spec.model.clone(),
+            RouteDocument {
+                stable,
+                canary,
+                shadow,
+                salt: md.spec.routing_salt.clone(),
+            },
+        )]),
+    }
+}
+
+/// The ConfigMap holding `document`, owned by `md`. The document is validated first, with the
+/// scorer's own rules, so that the operator never publishes a table the scorers would refuse.
+pub fn routing_configmap(
+    md: &ModelDeployment,
+    document: RoutingDocument,
+) -> Result<ConfigMap, Problem> {
+    let table = RoutingTable::from_document(document)
+        .map_err(|e| Problem::new("spec", format!("the routing table would be invalid: {e}")))?;
+    let yaml = serde_yaml::to_string(&table.to_document())
+        .map_err(|e| Problem::new("spec", format!("the routing table cannot be written: {e}")))?;
+    Ok(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(routing_configmap_name(md)),
+            namespace: md.namespace(),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    FIELD_MANAGER.to_owned(),
+                ),
+                (
+                    "app.kubernetes.io/component".to_owned(),
+                    "routing".to_owned(),
+                ),
+                (ROUTING_LABEL.to_owned(), md.name_any()),
+                ("recsys.io/model".to_owned(), md.spec.model.clone()),
+            ])),
+            owner_references: md.controller_owner_ref(&()).map(|r| vec![r]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(ROUTING_KEY.to_owned(), yaml)])),
+        ..Default::default()
+    })
+}
+
+/// Reconciles one ModelDeployment: publishes its routing table, then its status.
 #[instrument(skip(md, ctx), fields(name = %md.name_any(), namespace = md.namespace().unwrap_or_default()))]
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
-    let assessment = assess(&md);
-    let status = desired_status(&md, &assessment, Timestamp::now());
+    let ns = md
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(md.name_any()))?;
+    let mut assessment = assess(&md);
+    let mut status = desired_status(&md, &assessment, Timestamp::now());
+    if assessment.is_accepted() {
+        match routing_configmap(&md, routing_document(&md, &status)) {
+            Ok(cm) => {
+                // Published before the status that describes it, so the status never claims
+                // a table the scorers cannot see.
+                Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+                    .patch(
+                        &routing_configmap_name(&md),
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(&cm),
+                    )
+                    .await
+                    .map_err(Error::Kube)?;
+            }
+            Err(problem) => {
+                assessment = Assessment::invalid(vec![problem]);
+                status = desired_status(&md, &assessment, Timestamp::now());
+            }
+        }
+    }
     write_status(
         &ctx,
         md.as_ref(),
@@ -135,6 +336,7 @@ spec:
   model: als
   version: "20261126-0700"
   artifacts: { uri: "s3://models/recsys", endpoint: "http://seaweedfs:8333", forcePathStyle: true }
+  routingSalt: "2026-q4"
   strategy:
     steps:
       - shadow: { duration: 30m }
@@ -145,20 +347,102 @@ spec:
     analysis: { interval: 1m, maxErrorRate: 0.01, minTopKOverlap: 0.3 }
 "#;
 
+    fn table(md: &ModelDeployment, status: &ModelDeploymentStatus) -> RoutingTable {
+        let cm = routing_configmap(md, routing_document(md, status)).expect("valid");
+        let text = &cm.data.expect("data")[ROUTING_KEY];
+        RoutingTable::parse(
+            text,
+            recsys_core::serving::routing::RoutingFormat::Yaml,
+            "test",
+        )
+        .expect("the scorer accepts what the operator writes")
+    }
+
     #[test]
-    fn a_valid_spec_is_accepted_but_not_ready_yet() {
+    fn the_first_version_becomes_stable_and_routes_every_user() {
         let m = md(ALS);
         let got = assess(&m);
         assert!(got.is_accepted(), "{:?}", got.problems);
         assert_eq!(
             (got.ready, got.ready_reason),
-            (ConditionStatus::False, "RolloutNotImplemented")
+            (ConditionStatus::True, "RoutingPublished")
         );
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
         let s = desired_status(&m, &got, now);
         assert_eq!(s.observed_generation, Some(4));
-        assert_eq!(s.candidate_version.as_deref(), Some("20261126-0700"));
+        assert_eq!(s.stable_version.as_deref(), Some("20261126-0700"));
+        assert_eq!(s.candidate_version, None);
+        assert_eq!(s.stage, Stage::Promoted);
+        assert_eq!(s.history.len(), 1);
+        assert_eq!(s.history[0].outcome, Stage::Promoted);
+        let progressing = common::find_condition(&s.conditions, PROGRESSING).expect("cond");
+        assert_eq!(progressing.reason, "InitialVersion");
+
+        let t = table(&m, &s);
+        let route = t.route("als").expect("als");
+        assert_eq!(route.stable(), "20261126-0700");
+        assert_eq!((route.canary(), route.shadow()), (None, None));
+        assert!(t.revision().starts_with("sha256:"), "{}", t.revision());
+
+        // Reconciling again changes nothing: no second history record.
+        let mut again = m.clone();
+        again.status = Some(s.clone());
+        let s2 = desired_status(&again, &assess(&again), now);
+        assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn a_later_version_waits_as_candidate_while_stable_keeps_every_user() {
+        let mut m = md(ALS);
+        let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
+        let first = desired_status(&m, &assess(&m), now);
+        m.status = Some(first);
+        m.spec.version = "20261127-0700".into();
+        m.metadata.generation = Some(5);
+        let s = desired_status(&m, &assess(&m), now);
+        assert_eq!(s.stable_version.as_deref(), Some("20261126-0700"));
+        assert_eq!(s.candidate_version.as_deref(), Some("20261127-0700"));
         assert_eq!(s.stage, Stage::Pending);
+        let progressing = common::find_condition(&s.conditions, PROGRESSING).expect("cond");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("False", "RolloutNotImplemented")
+        );
+        let t = table(&m, &s);
+        let route = t.route("als").expect("als");
+        assert_eq!(route.stable(), "20261126-0700");
+        assert_eq!(route.canary(), None);
+        assert_eq!(route.salt(), "2026-q4");
+
+        // Set back to the stable version: nothing to roll out.
+        m.status = Some(s);
+        m.spec.version = "20261126-0700".into();
+        let back = desired_status(&m, &assess(&m), now);
+        assert_eq!(back.candidate_version, None);
+        assert_eq!(back.stage, Stage::Promoted);
+    }
+
+    #[test]
+    fn canary_and_shadow_stages_write_their_routes() {
+        let m = md(ALS);
+        let mut s = ModelDeploymentStatus {
+            stable_version: Some("v1".into()),
+            candidate_version: Some("v2".into()),
+            stage: Stage::Shadow,
+            ..Default::default()
+        };
+        let route = |s: &ModelDeploymentStatus| table(&m, s).route("als").cloned().expect("als");
+        assert_eq!(route(&s).shadow(), Some("v2"));
+        s.stage = Stage::Canary;
+        s.canary_weight = 10;
+        let r = route(&s);
+        assert_eq!(
+            (r.shadow(), r.canary().map(|c| (c.version(), c.weight()))),
+            (None, Some(("v2", 10)))
+        );
+        s.stage = Stage::RolledBack;
+        let r = route(&s);
+        assert_eq!((r.stable(), r.canary(), r.shadow()), ("v1", None, None));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Recommendations and scores: the paths (CF, fold-in, blend, popularity, content), the
 //! ranking that combines CF with the feature store, and the HTTP handlers.
 
+pub mod cluster_routing;
 pub mod metrics;
 pub mod rank;
 pub mod routes;

@@ -5,6 +5,8 @@
 //! | --- | --- | --- |
 //! | `--artifacts` | `.recsys/artifacts` | the model registry: a directory or `s3://bucket/prefix` (with the `--s3-*` options) |
 //! | `--routing-file` | none | a routing table (YAML or JSON, watched); without it the `champion` of `--model` |
+//! | `--routing-configmap` | none | in a cluster: the ConfigMap the operator writes the table into, watched through the API |
+//! | `--routing-configmap-key`, `--routing-namespace` | `routing.yaml`, the pod's | its key and namespace |
 //! | `--model` | `als` | the model served when a request names none |
 //! | `--events` | none | local mode: the events file of user histories (appended to by `POST /v1/events`) |
 //! | `--cf` | `true` | collaborative filtering on or off (off: the feature-store ranking, same answers' shape) |
@@ -32,6 +34,7 @@ use recsys_core::serving::users::{
 use recsys_core::stores::S3Args;
 use tokio::task::JoinHandle;
 
+use super::cluster_routing::{self, ConfigMapRef, ConfigMapRoutingSource};
 use super::metrics::RecommendMetrics;
 use super::rank::Weights;
 use super::routes::RecommendState;
@@ -56,8 +59,22 @@ pub struct ModelArgs {
     pub s3: S3Args,
     /// A routing table file (YAML or JSON), watched for changes. Without it, every request
     /// is served by the `champion` of `--model`.
-    #[arg(long, env = "RECSYS_ROUTING_FILE")]
+    #[arg(
+        long,
+        env = "RECSYS_ROUTING_FILE",
+        conflicts_with = "routing_configmap"
+    )]
     pub routing_file: Option<PathBuf>,
+    /// In a cluster: the ConfigMap holding the routing table (the operator writes
+    /// `<ModelDeployment>-routing`), watched through the Kubernetes API.
+    #[arg(long, env = "RECSYS_ROUTING_CONFIGMAP")]
+    pub routing_configmap: Option<String>,
+    /// The key of the table in the ConfigMap; `.json` keys are read as JSON, others as YAML.
+    #[arg(long, env = "RECSYS_ROUTING_CONFIGMAP_KEY", default_value = cluster_routing::DEFAULT_KEY)]
+    pub routing_configmap_key: String,
+    /// Namespace of the ConfigMap; default: the pod's (`POD_NAMESPACE`), else the kubeconfig's.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub routing_namespace: Option<String>,
     /// The model served when a request names none.
     #[arg(long, env = "RECSYS_MODEL", default_value = "als")]
     pub model: String,
@@ -121,6 +138,49 @@ fn invalid(option: &'static str, reason: impl std::fmt::Display) -> ScorerError 
     }
 }
 
+/// The routing source the options name: a ConfigMap, a file, or the `champion` of `--model`.
+async fn routing_source(
+    args: &ModelArgs,
+    metrics: &RoutingMetrics,
+) -> Result<Arc<dyn RoutingSource>, ScorerError> {
+    if let Some(name) = &args.routing_configmap {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| invalid("--routing-configmap", format!("no Kubernetes client: {e}")))?;
+        let namespace = args
+            .routing_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let target = ConfigMapRef {
+            namespace,
+            name: name.clone(),
+            key: args.routing_configmap_key.clone(),
+        };
+        let source = ConfigMapRoutingSource::start(client, target, metrics.clone())
+            .await
+            .map_err(|e| invalid("--routing-configmap", e))?;
+        return Ok(Arc::new(source));
+    }
+    Ok(match &args.routing_file {
+        Some(path) => Arc::new(
+            FileRoutingSource::start(
+                path.clone(),
+                FileRoutingOptions {
+                    metrics: metrics.clone(),
+                    ..FileRoutingOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| invalid("--routing-file", e))?,
+        ),
+        None => Arc::new(
+            StaticRoutingSource::champion(&args.model)
+                .map_err(|e| invalid("--model", e))?
+                .with_metrics(metrics.clone()),
+        ),
+    })
+}
+
 /// Builds the recommendation service and starts its background tasks (model sync, rankings
 /// refresh). Nothing waits for a dependency: models load in the background.
 pub async fn start(
@@ -149,24 +209,7 @@ pub async fn start(
         .await
         .map_err(|e| invalid("--artifacts", e))?;
     let routing_metrics = RoutingMetrics::new();
-    let routing: Arc<dyn RoutingSource> = match &args.routing_file {
-        Some(path) => Arc::new(
-            FileRoutingSource::start(
-                path.clone(),
-                FileRoutingOptions {
-                    metrics: routing_metrics.clone(),
-                    ..FileRoutingOptions::default()
-                },
-            )
-            .await
-            .map_err(|e| invalid("--routing-file", e))?,
-        ),
-        None => Arc::new(
-            StaticRoutingSource::champion(&args.model)
-                .map_err(|e| invalid("--model", e))?
-                .with_metrics(routing_metrics.clone()),
-        ),
-    };
+    let routing = routing_source(args, &routing_metrics).await?;
     let model_metrics = ModelMetrics::default();
     let models = Arc::new(ModelManager::new(
         Registry::new(store.clone()),

@@ -31,32 +31,38 @@ pub trait RoutingSource: Send + Sync + fmt::Debug {
     fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>>;
 }
 
-/// The table serving and the channel announcing its changes.
+/// The table serving and the channel announcing its changes: the publishing half every
+/// [`RoutingSource`] needs, for implementations outside this module (the scorer's in-cluster
+/// source). [`RoutingPublisher::current`] is a lock-free load.
 #[derive(Debug)]
-struct Published {
+pub struct RoutingPublisher {
     current: ArcSwap<RoutingTable>,
     changes: watch::Sender<Arc<RoutingTable>>,
 }
 
-impl Published {
-    fn new(table: Arc<RoutingTable>) -> Self {
+impl RoutingPublisher {
+    /// A publisher serving `table`.
+    pub fn new(table: Arc<RoutingTable>) -> Self {
         Self {
             current: ArcSwap::new(table.clone()),
             changes: watch::Sender::new(table),
         }
     }
 
-    fn load(&self) -> Arc<RoutingTable> {
+    /// The table serving now.
+    pub fn current(&self) -> Arc<RoutingTable> {
         self.current.load_full()
     }
 
-    fn publish(&self, table: Arc<RoutingTable>) {
+    /// Serves `table` from now on and tells subscribers.
+    pub fn publish(&self, table: Arc<RoutingTable>) {
         self.current.store(table.clone());
         // `send_replace` stores the value even when nobody subscribes.
         self.changes.send_replace(table);
     }
 
-    fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
+    /// A receiver of every table published from now on.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
         self.changes.subscribe()
     }
 }
@@ -65,7 +71,7 @@ impl Published {
 /// `champion` alias, [`StaticRoutingSource::champion`]).
 #[derive(Debug)]
 pub struct StaticRoutingSource {
-    published: Published,
+    published: RoutingPublisher,
     metrics: Option<RoutingMetrics>,
 }
 
@@ -73,7 +79,7 @@ impl StaticRoutingSource {
     /// A source serving `table`.
     pub fn new(table: RoutingTable) -> Self {
         Self {
-            published: Published::new(Arc::new(table)),
+            published: RoutingPublisher::new(Arc::new(table)),
             metrics: None,
         }
     }
@@ -85,7 +91,7 @@ impl StaticRoutingSource {
 
     /// Records the table (and every later [`StaticRoutingSource::replace`]) in `metrics`.
     pub fn with_metrics(mut self, metrics: RoutingMetrics) -> Self {
-        metrics.record_loaded(&self.published.load());
+        metrics.record_loaded(&self.published.current());
         self.metrics = Some(metrics);
         self
     }
@@ -102,7 +108,7 @@ impl StaticRoutingSource {
 
 impl RoutingSource for StaticRoutingSource {
     fn current(&self) -> Arc<RoutingTable> {
-        self.published.load()
+        self.published.current()
     }
 
     fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
@@ -170,7 +176,7 @@ impl Default for FileRoutingOptions {
 /// until the file changes again. A file put back to the table serving is not a new load.
 pub struct FileRoutingSource {
     path: PathBuf,
-    published: Arc<Published>,
+    published: Arc<RoutingPublisher>,
     task: JoinHandle<()>,
 }
 
@@ -178,7 +184,7 @@ impl fmt::Debug for FileRoutingSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileRoutingSource")
             .field("path", &self.path)
-            .field("revision", &self.published.load().revision())
+            .field("revision", &self.published.current().revision())
             .finish_non_exhaustive()
     }
 }
@@ -214,7 +220,7 @@ impl FileRoutingSource {
             table = %table,
             "routing table loaded"
         );
-        let published = Arc::new(Published::new(Arc::new(table)));
+        let published = Arc::new(RoutingPublisher::new(Arc::new(table)));
         let watcher = Watcher {
             path: path.clone(),
             interval: options.poll_interval.max(MIN_POLL_INTERVAL),
@@ -246,7 +252,7 @@ impl Drop for FileRoutingSource {
 
 impl RoutingSource for FileRoutingSource {
     fn current(&self) -> Arc<RoutingTable> {
-        self.published.load()
+        self.published.current()
     }
 
     fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
@@ -305,7 +311,7 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<RoutingTable, RoutingError> {
 struct Watcher {
     path: PathBuf,
     interval: Duration,
-    published: Arc<Published>,
+    published: Arc<RoutingPublisher>,
     metrics: RoutingMetrics,
     /// Hash of the bytes of the table serving.
     applied: Digest,
@@ -363,7 +369,7 @@ impl Watcher {
     }
 
     fn apply(&mut self, table: RoutingTable, digest: Digest) {
-        let previous = self.published.load();
+        let previous = self.published.current();
         tracing::info!(
             path = %self.path.display(),
             revision = table.revision(),
@@ -377,7 +383,7 @@ impl Watcher {
     }
 
     fn refuse(&self, error: &RoutingError) {
-        let serving = self.published.load();
+        let serving = self.published.current();
         tracing::warn!(
             path = %self.path.display(),
             kind = error.kind(),
@@ -406,7 +412,7 @@ mod tests {
         let w = Watcher {
             path: path.to_owned(),
             interval: POLL_FOR_TESTS,
-            published: Arc::new(Published::new(Arc::new(table))),
+            published: Arc::new(RoutingPublisher::new(Arc::new(table))),
             metrics: metrics.clone(),
             applied: digest,
             last: Observation::Content(digest),
@@ -418,7 +424,7 @@ mod tests {
     const POLL_FOR_TESTS: Duration = Duration::from_millis(10);
 
     fn revision(w: &Watcher) -> String {
-        w.published.load().revision().to_owned()
+        w.published.current().revision().to_owned()
     }
 
     fn failures(metrics: &RoutingMetrics) -> String {
@@ -453,7 +459,7 @@ mod tests {
 
         // Held still for an interval: served.
         w.poll().await;
-        let table = w.published.load();
+        let table = w.published.current();
         assert_eq!(table.revision(), "r2");
         assert_eq!(table.len(), 2);
         w.poll().await;
