@@ -65,6 +65,38 @@ impl RoutingPublisher {
     pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingTable>> {
         self.changes.subscribe()
     }
+
+    /// Publishes `table`, read from `origin`: logged with the revision it replaces, and
+    /// counted in `metrics`.
+    pub fn apply(&self, table: RoutingTable, origin: &dyn fmt::Display, metrics: &RoutingMetrics) {
+        let previous = self.current();
+        tracing::info!(
+            %origin,
+            revision = table.revision(),
+            previous_revision = previous.revision(),
+            table = %table,
+            "routing table loaded"
+        );
+        metrics.record_loaded(&table);
+        self.publish(Arc::new(table));
+    }
+
+    /// Logs and counts a change from `origin` that was refused; the current table stays.
+    pub fn refuse(
+        &self,
+        error: &RoutingError,
+        origin: &dyn fmt::Display,
+        metrics: &RoutingMetrics,
+    ) {
+        tracing::warn!(
+            %origin,
+            kind = error.kind(),
+            error = %error,
+            serving_revision = self.current().revision(),
+            "routing table change refused; the previous table keeps serving"
+        );
+        metrics.record_refused(error.kind());
+    }
 }
 
 /// A table set by the program: for tests and the embedded default (one model at its
@@ -369,29 +401,14 @@ impl Watcher {
     }
 
     fn apply(&mut self, table: RoutingTable, digest: Digest) {
-        let previous = self.published.current();
-        tracing::info!(
-            path = %self.path.display(),
-            revision = table.revision(),
-            previous_revision = previous.revision(),
-            table = %table,
-            "routing table reloaded"
-        );
-        self.metrics.record_loaded(&table);
+        self.published
+            .apply(table, &self.path.display(), &self.metrics);
         self.applied = digest;
-        self.published.publish(Arc::new(table));
     }
 
     fn refuse(&self, error: &RoutingError) {
-        let serving = self.published.current();
-        tracing::warn!(
-            path = %self.path.display(),
-            kind = error.kind(),
-            error = %error,
-            serving_revision = serving.revision(),
-            "routing table change refused; the previous table keeps serving"
-        );
-        self.metrics.record_refused(error.kind());
+        self.published
+            .refuse(error, &self.path.display(), &self.metrics);
     }
 }
 
