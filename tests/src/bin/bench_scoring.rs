@@ -6,14 +6,22 @@
 //!
 //! The model (random factors, `--items` × `--factors`, `--users` trained users) is published
 //! to a temporary model registry; user states and features live in the real Redis of the test
-//! environment, the feature registry and user histories in a fresh Postgres database.
+//! environment, the feature registry and user histories (`--history` products per user, left
+//! out of the answers) in a fresh Postgres database.
+//!
+//! With `--implicit`, the same model is also served the way a team would serve it without
+//! recsys: the `implicit` library's `recommend()` behind FastAPI under uvicorn
+//! (`tests/bench/scoring/implicit_side.py`, in a venv cached under `~/.cache/recsys-bench`),
+//! loaded with the same factors and histories and under the same load; the ratios are
+//! printed. See `tests/bench/scoring/README.md`.
 //!
 //! A program that prints figures, not a timed test. Build it with `--release`:
 //! `cargo run --release -p recsys-tests --bin bench_scoring`.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,8 +31,9 @@ use ndarray::Array2;
 use rand::{RngExt as _, SeedableRng as _};
 use recsys_core::artifacts::{LocalDirStore, ManifestInput, Registry};
 use recsys_core::cf::als::AlsModel;
-use recsys_core::cf::interactions::IdMap;
+use recsys_core::cf::interactions::{Event, EventType, IdMap};
 use recsys_core::cf::serving::ServingModel;
+use recsys_core::events::{EventRow, PostgresEvents};
 use recsys_core::features::online::{OnlineStore, RedisOnlineStore, RedisOnlineStoreOptions};
 use recsys_core::features::rankings::{Rankings, write_rankings};
 use recsys_core::features::registry::{FeatureRegistry, PostgresFeatureRegistry};
@@ -32,37 +41,61 @@ use recsys_core::features::{EntityKey, FeatureRef, FeatureValue, StoredValue, de
 use recsys_core::stores::{self, PostgresArgs};
 use recsys_tests::TestEnv;
 
-/// Benchmark the scorer against the compute floor.
+/// Benchmark the scorer against the compute floor (and, with `--implicit`, against the
+/// `implicit` library behind FastAPI).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
     /// Products in the model.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, env = "RECSYS_BENCH_ITEMS", default_value_t = 30_000)]
     items: usize,
     /// Factors per vector.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, env = "RECSYS_BENCH_FACTORS", default_value_t = 64)]
     factors: usize,
     /// Trained users (requests sample them).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, env = "RECSYS_BENCH_USERS", default_value_t = 20_000)]
     users: usize,
+    /// Products in each user's history; the answers leave them out.
+    #[arg(long, env = "RECSYS_BENCH_HISTORY", default_value_t = 10)]
+    history: usize,
     /// Timed requests per endpoint.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, env = "RECSYS_BENCH_REQUESTS", default_value_t = 20_000)]
     requests: usize,
     /// Concurrent connections of the load generator.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "RECSYS_BENCH_CONCURRENCY", default_value_t = 8)]
     concurrency: usize,
     /// Results per recommendation.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, env = "RECSYS_BENCH_K", default_value_t = 20)]
     k: usize,
     /// Candidates per score request.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "RECSYS_BENCH_CANDIDATES", default_value_t = 100)]
     candidates: usize,
     /// The `oha` binary; installed with `cargo install oha` into the cache when unset.
     #[arg(long, env = "RECSYS_BENCH_OHA")]
     oha: Option<PathBuf>,
     /// oha version installed when `--oha` is unset.
-    #[arg(long, default_value = "1.16.0")]
+    #[arg(long, env = "RECSYS_BENCH_OHA_VERSION", default_value = "1.16.0")]
     oha_version: String,
+    /// Also serve the same model with the `implicit` library behind FastAPI under uvicorn
+    /// (installed from PyPI into a cached venv) and load it the same way.
+    #[arg(long, env = "RECSYS_BENCH_IMPLICIT")]
+    implicit: bool,
+    /// implicit version from PyPI.
+    #[arg(long, env = "RECSYS_BENCH_IMPLICIT_VERSION", default_value = "0.7.3")]
+    implicit_version: String,
+    /// The implicit venv; `~/.cache/recsys-bench/implicit-venv-<version>` when unset.
+    #[arg(long, env = "RECSYS_BENCH_IMPLICIT_VENV")]
+    implicit_venv: Option<PathBuf>,
+    /// uvicorn worker processes of the implicit service. 2 (one per core here) gives implicit
+    /// its best figure: one worker reached 60 % of it.
+    #[arg(long, env = "RECSYS_BENCH_IMPLICIT_WORKERS", default_value_t = 2)]
+    implicit_workers: usize,
+    /// Timed requests against the implicit service; `--requests` when unset.
+    #[arg(long, env = "RECSYS_BENCH_IMPLICIT_REQUESTS")]
+    implicit_requests: Option<usize>,
+    /// The Python (3.9–3.13) that creates the implicit venv.
+    #[arg(long, env = "RECSYS_BENCH_PYTHON", default_value = "python3")]
+    python: String,
 }
 
 /// What oha measured.
@@ -107,7 +140,7 @@ fn oha_binary(args: &Args) -> anyhow::Result<PathBuf> {
 
 /// Runs oha and reads its JSON summary.
 fn oha(
-    bin: &PathBuf,
+    bin: &Path,
     what: &str,
     requests: usize,
     concurrency: usize,
@@ -195,15 +228,455 @@ fn print(rows: &[Figures]) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The implicit side: what a team would write without recsys
+
+/// Pinned next to `implicit==<version>`: the versions measured.
+const IMPLICIT_REQUIREMENTS: [&str; 4] = [
+    "fastapi==0.165.0",
+    "uvicorn[standard]==0.54.0",
+    "numpy==2.4.6",
+    "scipy==1.17.1",
+];
+
+/// The implicit venv, installed.
+struct Implicit {
+    python: PathBuf,
+    version: String,
+    workers: usize,
+}
+
+/// A uvicorn process group, ended when dropped.
+struct ImplicitServer {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ImplicitServer {
+    /// The last lines of the server's log.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for ImplicitServer {
+    fn drop(&mut self) {
+        // uvicorn forks its workers: end the process group this program started.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Implicit {
+    fn requirements(version: &str) -> Vec<String> {
+        std::iter::once(format!("implicit=={version}"))
+            .chain(IMPLICIT_REQUIREMENTS.iter().map(|r| (*r).to_owned()))
+            .collect()
+    }
+
+    /// Creates the venv and installs the pinned requirements unless a previous run did.
+    fn install(args: &Args) -> anyhow::Result<Self> {
+        let venv = match &args.implicit_venv {
+            Some(v) => v.clone(),
+            None => PathBuf::from(std::env::var("HOME").context("HOME")?).join(format!(
+                ".cache/recsys-bench/implicit-venv-{}",
+                args.implicit_version
+            )),
+        };
+        let python = venv.join("bin/python");
+        let wanted = Self::requirements(&args.implicit_version);
+        let marker = venv.join(".recsys-bench-requirements");
+        if !(python.exists()
+            && std::fs::read_to_string(&marker).is_ok_and(|s| s == wanted.join(" ")))
+        {
+            println!(
+                "implicit: installing {} into {} (once)",
+                wanted.join(" "),
+                venv.display()
+            );
+            if let Some(parent) = venv.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            run_checked(
+                Command::new(&args.python)
+                    .args(["-m", "venv", "--clear"])
+                    .arg(&venv),
+                &format!("{} -m venv {}", args.python, venv.display()),
+            )?;
+            run_checked(
+                Command::new(&python)
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                    ])
+                    .args(&wanted),
+                "pip install",
+            )?;
+            std::fs::write(&marker, wanted.join(" "))?;
+        }
+        ensure!(
+            args.implicit_workers > 0,
+            "--implicit-workers must be at least 1"
+        );
+        Ok(Self {
+            python,
+            version: args.implicit_version.clone(),
+            workers: args.implicit_workers,
+        })
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "recommendations k=20, implicit {} + FastAPI (uvicorn, {} worker{})",
+            self.version,
+            self.workers,
+            if self.workers == 1 { "" } else { "s" }
+        )
+    }
+
+    /// Writes the model, the histories and the id maps in the layout `implicit_side.py`
+    /// reads: raw little-endian arrays, exact.
+    fn write_model(dir: &Path, model: &AlsModel, seen: &[Vec<u32>]) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let (users, factors) = model.user_factors.dim();
+        let items = model.item_factors.nrows();
+        std::fs::write(
+            dir.join("params.json"),
+            serde_json::json!({"users": users, "items": items, "factors": factors}).to_string(),
+        )?;
+        let f32s =
+            |m: &Array2<f32>| -> Vec<u8> { m.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        std::fs::write(dir.join("user_factors.f32"), f32s(&model.user_factors))?;
+        std::fs::write(dir.join("item_factors.f32"), f32s(&model.item_factors))?;
+        let mut indptr = vec![0_i32];
+        let mut indices = vec![];
+        for rows in seen {
+            indices.extend(rows.iter().map(|&r| r as i32));
+            indptr.push(i32::try_from(indices.len()).context("too many interactions")?);
+        }
+        let i32s = |v: &[i32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        std::fs::write(dir.join("seen_indptr.i32"), i32s(&indptr))?;
+        std::fs::write(dir.join("seen_indices.i32"), i32s(&indices))?;
+        let ids = |prefix: &str, n: usize| -> String {
+            (0..n).map(|i| format!("{prefix}{i}\n")).collect()
+        };
+        std::fs::write(dir.join("user_ids.txt"), ids("u", users))?;
+        std::fs::write(dir.join("item_ids.txt"), ids("p", items))?;
+        Ok(())
+    }
+
+    /// Starts `uvicorn implicit_side:app` over the model in `data` and waits until it answers.
+    async fn serve(&self, data: &Path) -> anyhow::Result<(ImplicitServer, SocketAddr)> {
+        use std::os::unix::process::CommandExt as _;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let log = data.join("uvicorn.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&self.python)
+            .args(["-m", "uvicorn", "implicit_side:app", "--app-dir"])
+            .arg(recsys_tests::repo_root().join("tests/bench/scoring"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--workers", &self.workers.to_string()])
+            .args(["--no-access-log", "--log-level", "warning"])
+            .env("RECSYS_BENCH_IMPLICIT_DATA", data)
+            // uvicorn imports the script from the repository: no __pycache__ there.
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            // One BLAS thread per worker (implicit's own advice), and without this machine's
+            // OpenBLAS core-type overrides, which slow a current numpy.
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .env("MKL_NUM_THREADS", "1")
+            .env_remove("OPENBLAS_CORETYPE")
+            .env_remove("OPENBLAS_L2_SIZE")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .process_group(0)
+            .spawn()
+            .context("starting uvicorn")?;
+        let mut server = ImplicitServer { child, log };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("uvicorn exited ({status}):\n{}", server.log_tail());
+            }
+            if let Ok((200, _)) = recsys_tests::http_json(addr, "GET", "/healthz", None).await {
+                // Every worker has loaded the model once the first answers; wait for the rest.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return Ok((server, addr));
+            }
+            if Instant::now() > deadline {
+                bail!("uvicorn not ready after 120 s:\n{}", server.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn run_checked(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    ensure!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// `(product id, score)` of an answer's items; the score under `score_field`.
+fn answer_items(answer: &serde_json::Value, score_field: &str) -> Vec<(String, f64)> {
+    answer["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| {
+                    (
+                        i["product_id"].as_str().unwrap_or_default().to_owned(),
+                        i[score_field].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// How well the two services agree for a few users.
+#[derive(Debug, Default)]
+struct Agreement {
+    users: usize,
+    /// Users whose top-k from implicit is the scorer's CF scan, in order.
+    same_top: usize,
+    /// Largest score difference over those lists.
+    max_score_diff: f64,
+    /// Products in the scorer's answers.
+    answered: usize,
+    /// Of those, products in implicit's top `k × overfetch` with the same score.
+    matched: usize,
+    /// Products of the user's history in either answer.
+    seen_returned: usize,
+    /// The first difference, described.
+    first_difference: Option<String>,
+}
+
+/// Compares, for `users`, implicit's answers with the scorer's CF scan (the same top-k scan
+/// the scorer runs for its candidates, with the user's history left out) and with the
+/// scorer's own answers (re-ranked with the feature-store signals, so only their CF scores
+/// can be compared: each must be in implicit's top `k × overfetch`, with the same score).
+async fn compare(
+    implicit: SocketAddr,
+    scorer: SocketAddr,
+    serving: &ServingModel,
+    model: &AlsModel,
+    seen: &[Vec<u32>],
+    users: &[usize],
+    k: usize,
+) -> anyhow::Result<Agreement> {
+    let overfetch = recsys_scorer::recommend::service::RecommendOptions::default()
+        .overfetch
+        .max(1);
+    let get = |addr: SocketAddr, path: String| async move {
+        let (status, v) = recsys_tests::http_json(addr, "GET", &path, None).await?;
+        ensure!(status == 200, "GET {path}: HTTP {status}: {v}");
+        anyhow::Ok(v)
+    };
+    let mut a = Agreement::default();
+    for &u in users {
+        a.users += 1;
+        let query = |k: usize| format!("/v1/recommendations?user_id=u{u}&k={k}");
+        let theirs = answer_items(&get(implicit, query(k)).await?, "score");
+        let wide: HashMap<String, f64> =
+            answer_items(&get(implicit, query(k * overfetch)).await?, "score")
+                .into_iter()
+                .collect();
+        let ours_answer = answer_items(&get(scorer, query(k)).await?, "user_product_affinity");
+        let user = model.user_factors.row(u);
+        let scan: Vec<(String, f64)> = serving
+            .top_k(user.as_slice().unwrap_or_default(), k, &seen[u], None)
+            .into_iter()
+            .map(|(row, s)| {
+                (
+                    serving.item_id(row).unwrap_or_default().to_owned(),
+                    f64::from(s),
+                )
+            })
+            .collect();
+        let seen_ids: Vec<String> = seen[u].iter().map(|r| format!("p{r}")).collect();
+        a.seen_returned += theirs
+            .iter()
+            .chain(&ours_answer)
+            .filter(|(p, _)| seen_ids.contains(p))
+            .count();
+        let ids = |v: &[(String, f64)]| v.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>();
+        if ids(&theirs) == ids(&scan) {
+            a.same_top += 1;
+            for ((_, x), (_, y)) in theirs.iter().zip(&scan) {
+                a.max_score_diff = a.max_score_diff.max((x - y).abs());
+            }
+        } else if a.first_difference.is_none() {
+            a.first_difference = Some(format!(
+                "u{u}: implicit {:?}, scorer's scan {:?}",
+                ids(&theirs),
+                ids(&scan)
+            ));
+        }
+        for (p, s) in &ours_answer {
+            a.answered += 1;
+            if wide.get(p).is_some_and(|t| (t - s).abs() < 1e-4) {
+                a.matched += 1;
+            } else if a.first_difference.is_none() {
+                a.first_difference = Some(format!(
+                    "u{u}: the scorer answered {p} (CF score {s}), implicit's top {} has {:?}",
+                    k * overfetch,
+                    wide.get(p)
+                ));
+            }
+        }
+    }
+    Ok(a)
+}
+
+/// Serves the model with implicit, checks the answers against the scorer's, and loads it
+/// with the same URLs (the scorer's address swapped for implicit's) as the scorer.
+#[allow(clippy::too_many_arguments)]
+async fn implicit_run(
+    implicit: &Implicit,
+    args: &Args,
+    oha_bin: &Path,
+    data: &Path,
+    scorer: SocketAddr,
+    serving: &ServingModel,
+    model: &AlsModel,
+    seen: &[Vec<u32>],
+) -> anyhow::Result<Figures> {
+    Implicit::write_model(data, model, seen)?;
+    let (server, addr) = implicit.serve(data).await?;
+    let check_users: Vec<usize> = [0, 1, 42, 7919, 12_345, args.users - 1]
+        .into_iter()
+        .map(|u| u % args.users)
+        .collect();
+    let a = compare(addr, scorer, serving, model, seen, &check_users, args.k).await?;
+    println!(
+        "agreement: implicit's top {} = the scorer's CF scan for {}/{} users (same factors, \
+         history left out; largest score difference {:.1e}); {}/{} products of the scorer's \
+         answers are in implicit's top {} with the same CF score; {} products of a user's \
+         history returned",
+        args.k,
+        a.same_top,
+        a.users,
+        a.max_score_diff,
+        a.matched,
+        a.answered,
+        args.k * recsys_scorer::recommend::service::RecommendOptions::default().overfetch,
+        a.seen_returned
+    );
+    if let Some(d) = &a.first_difference {
+        println!("agreement: FIRST DIFFERENCE {d}");
+    }
+    let requests = args.implicit_requests.unwrap_or(args.requests);
+    let urls_file = data.join("urls.txt");
+    std::fs::write(&urls_file, urls(addr, requests, args))?;
+    let url_args = vec![
+        "--urls-from-file".to_owned(),
+        urls_file.to_string_lossy().into_owned(),
+    ];
+    oha(
+        oha_bin,
+        "implicit warm-up",
+        requests.min(2000),
+        args.concurrency,
+        &url_args,
+    )?;
+    let figures = oha(
+        oha_bin,
+        &implicit.label(),
+        requests,
+        args.concurrency,
+        &url_args,
+    )?;
+    if figures.errors > 0 {
+        println!(
+            "implicit: {} requests failed; uvicorn's log:\n{}",
+            figures.errors,
+            server.log_tail()
+        );
+    }
+    drop(server);
+    Ok(figures)
+}
+
+/// The recommendation URLs of the timed runs: users sampled uniformly, the same sequence for
+/// every service.
+fn urls(addr: SocketAddr, requests: usize, args: &Args) -> String {
+    (0..requests)
+        .map(|i| {
+            let u = (i * 7919) % args.users;
+            format!(
+                "http://{addr}/v1/recommendations?user_id=u{u}&k={}\n",
+                args.k
+            )
+        })
+        .collect()
+}
+
+/// `--history` distinct products per user, ascending rows, drawn with a fixed seed.
+fn histories(users: usize, items: usize, per_user: usize) -> Vec<Vec<u32>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let per_user = per_user.min(items);
+    (0..users)
+        .map(|_| {
+            let mut rows: Vec<u32> = Vec::with_capacity(per_user);
+            while rows.len() < per_user {
+                let r = rng.random_range(0..items as u32);
+                if !rows.contains(&r) {
+                    rows.push(r);
+                }
+            }
+            rows.sort_unstable();
+            rows
+        })
+        .collect()
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let env = TestEnv::load()?;
     let oha_bin = oha_binary(&args)?;
+    // Installed first, so that nothing runs pip between the measurements.
+    let implicit = if args.implicit {
+        Some(Implicit::install(&args)?)
+    } else {
+        None
+    };
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    if cfg!(debug_assertions) {
+        println!("WARNING: a debug build; figures are meaningless. Use --release.");
+    }
     println!(
-        "bench_scoring: {cores} cores, model {} items × {} factors, {} users, k={}, {} candidates, {} requests per run at {} connections (oha)",
+        "bench_scoring: {cores} cores, model {} items × {} factors, {} users with {} products of history each, k={}, {} candidates, {} requests per run at {} connections (oha)",
         args.items,
         args.factors,
         args.users,
+        args.history,
         args.k,
         args.candidates,
         args.requests,
@@ -241,6 +714,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await?;
     recsys_core::events::migrate(&pool).await?;
+    // User histories: `--history` products each, in the events table the scorer reads.
+    let seen = histories(args.users, args.items, args.history);
+    let now_ms = recsys_core::features::online::now_ms();
+    let events: Vec<EventRow> = seen
+        .iter()
+        .enumerate()
+        .flat_map(|(u, rows)| {
+            rows.iter().enumerate().map(move |(j, &r)| EventRow {
+                event_id: format!("bs-{u}-{j}"),
+                event: Event {
+                    user: format!("u{u}"),
+                    item: format!("p{r}"),
+                    kind: EventType::View,
+                    ts_ms: Some(now_ms - 1000 * j as i64),
+                    value: None,
+                },
+                category: Some(format!("c{}", r % 50)),
+            })
+        })
+        .collect();
+    let events_table = PostgresEvents::new(pool.clone());
+    for chunk in events.chunks(5000) {
+        events_table.insert(chunk).await?;
+    }
     let feature_registry = PostgresFeatureRegistry::new(pool.clone());
     feature_registry.migrate().await?;
     for spec in defaults::specs() {
@@ -351,28 +848,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     ensure!(
-        sample["path"] == "cf" && sample["items"].as_array().map_or(0, Vec::len) == args.k,
+        sample["path"] == "cf"
+            && sample["items"].as_array().map_or(0, Vec::len) == args.k
+            && sample["interactions"] == args.history,
         "{sample}"
     );
 
     // Requests: users sampled uniformly; candidates a fixed random sample.
     let urls_file = dir.path().join("urls.txt");
-    let urls: String = (0..args.requests)
-        .map(|i| {
-            let u = (i * 7919) % args.users;
-            format!(
-                "http://{addr}/v1/recommendations?user_id=u{u}&k={}\n",
-                args.k
-            )
-        })
-        .collect();
-    std::fs::write(&urls_file, urls)?;
+    std::fs::write(&urls_file, urls(addr, args.requests, &args))?;
     let candidates: Vec<String> = (0..args.candidates)
         .map(|i| format!("p{}", (i * 104_729) % args.items))
         .collect();
     let body = serde_json::json!({"user_id": "u42", "product_ids": candidates}).to_string();
 
-    let mut rows = vec![];
     let rec_args = vec![
         "--urls-from-file".to_owned(),
         urls_file.to_string_lossy().into_owned(),
@@ -385,13 +874,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.concurrency,
         &rec_args,
     )?;
-    rows.push(oha(
+    let rec = oha(
         &oha_bin,
         "recommendations k=20, scorer over HTTP",
         args.requests,
         args.concurrency,
         &rec_args,
-    )?);
+    )?;
+    // implicit right after, so that both see the same machine; the scorer stays up (idle)
+    // for the agreement check.
+    let implicit_figures = match &implicit {
+        Some(i) => {
+            let run = implicit_run(
+                i,
+                &args,
+                &oha_bin,
+                &dir.path().join("implicit"),
+                addr,
+                &serving,
+                &model,
+                &seen,
+            )
+            .await;
+            match run {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    println!("\nimplicit side failed: {e:#}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let score_args = vec![
         "-m".to_owned(),
         "POST".to_owned(),
@@ -401,22 +915,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         body,
         format!("http://{addr}/v1/scores"),
     ];
-    rows.push(oha(
+    let scores = oha(
         &oha_bin,
         "scores 100 candidates, scorer over HTTP",
         args.requests,
         args.concurrency,
         &score_args,
-    )?);
+    )?;
     drop(scorer);
 
-    // The compute floor, with the same shapes, on every core.
+    // The compute floor, with the same shapes (and the same history left out), on every core.
     let rows_of: Vec<u32> = candidates
         .iter()
         .filter_map(|p| serving.item_index(p))
         .collect();
     let users_f = &model.user_factors;
-    rows.push(floor(
+    let rec_floor = floor(
         "recommendations k=20, compute floor (top-k scan)",
         args.requests,
         cores,
@@ -425,12 +939,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let v = users_f.row(u);
             let v = v.as_slice().unwrap_or_default();
             serving
-                .top_k(v, args.k, &[], None)
+                .top_k(v, args.k, &seen[u], None)
                 .first()
                 .map_or(0.0, |t| t.1)
         },
-    ));
-    rows.push(floor(
+    );
+    let scores_floor = floor(
         "scores 100 candidates, compute floor (dot products)",
         args.requests,
         cores,
@@ -441,11 +955,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .sum()
         },
-    ));
+    );
+    let mut rows = vec![rec.clone()];
+    rows.extend(implicit_figures.clone());
+    rows.extend([scores.clone(), rec_floor.clone(), scores_floor.clone()]);
     print(&rows);
     println!();
-    for (service, compute) in [(0, 2), (1, 3)] {
-        let (s, c) = (&rows[service], &rows[compute]);
+    for (s, c) in [(&rec, &rec_floor), (&scores, &scores_floor)] {
         println!(
             "{}: throughput {:.2}× the compute floor's, p99 {:.1}× ({:.3} vs {:.3} ms)",
             s.what,
@@ -455,26 +971,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
             c.p99_ms
         );
     }
-    let rec = &rows[0];
+    let met = |ok: bool| if ok { "met" } else { "NOT met" };
     println!(
         "target p99 ≤ 5 ms at ≥ 2,000 requests/s for recommendations: p99 {:.3} ms at {:.0}/s: {}",
         rec.p99_ms,
         rec.per_second,
-        if rec.p99_ms <= 5.0 && rec.per_second >= 2000.0 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        met(rec.p99_ms <= 5.0 && rec.per_second >= 2000.0)
     );
+    let to_floor = rec_floor.per_second / rec.per_second;
     println!(
-        "target within 3× of the compute floor (throughput): {:.2}×: {}",
-        rows[2].per_second / rec.per_second,
-        if rows[2].per_second / rec.per_second <= 3.0 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        "target within 3× of the compute floor (throughput): {to_floor:.2}×: {}",
+        met(to_floor <= 3.0)
     );
+    if let Some(i) = &implicit_figures {
+        let throughput = rec.per_second / i.per_second;
+        let p99 = i.p99_ms / rec.p99_ms;
+        println!(
+            "versus {}: throughput {throughput:.2}× theirs ({:.0} vs {:.0}/s; target ≥ 10×: {}); \
+             their p99 {p99:.2}× ours ({:.3} vs {:.3} ms; lower p99: {})",
+            i.what,
+            rec.per_second,
+            i.per_second,
+            met(throughput >= 10.0),
+            i.p99_ms,
+            rec.p99_ms,
+            met(rec.p99_ms < i.p99_ms)
+        );
+    }
     let _ = online.clear().await;
     Ok(())
 }
@@ -495,6 +1018,70 @@ mod tests {
     #[test]
     fn args_are_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn histories_are_distinct_sorted_and_seeded() {
+        let h = histories(50, 30, 10);
+        assert_eq!(h.len(), 50);
+        for rows in &h {
+            assert_eq!(rows.len(), 10);
+            assert!(rows.windows(2).all(|w| w[0] < w[1]), "{rows:?}");
+            assert!(rows.iter().all(|&r| r < 30));
+        }
+        assert_eq!(h, histories(50, 30, 10));
+        assert_eq!(histories(2, 3, 10)[0], [0, 1, 2]);
+    }
+
+    #[test]
+    fn the_implicit_side_reads_the_model_exactly() {
+        let model = AlsModel {
+            user_factors: Array2::from_shape_fn((3, 2), |(u, f)| u as f32 + f as f32 / 10.0),
+            item_factors: Array2::from_shape_fn((4, 2), |(i, f)| -(i as f32) - f as f32 / 3.0),
+            regularization: 0.1,
+        };
+        let seen = vec![vec![1, 3], vec![], vec![0]];
+        let dir = tempfile::tempdir().expect("tempdir");
+        Implicit::write_model(dir.path(), &model, &seen).expect("written");
+        let read = |name: &str| std::fs::read(dir.path().join(name)).expect(name);
+        let f32s: Vec<f32> = read("item_factors.f32")
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(f32s, model.item_factors.iter().copied().collect::<Vec<_>>());
+        let i32s = |name: &str| -> Vec<i32> {
+            read(name)
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        assert_eq!(i32s("seen_indptr.i32"), [0, 2, 2, 3]);
+        assert_eq!(i32s("seen_indices.i32"), [1, 3, 0]);
+        assert_eq!(read("user_factors.f32").len(), 3 * 2 * 4);
+        assert_eq!(
+            String::from_utf8(read("item_ids.txt")).expect("utf-8"),
+            "p0\np1\np2\np3\n"
+        );
+        let params: serde_json::Value = serde_json::from_slice(&read("params.json")).expect("json");
+        assert_eq!(
+            params,
+            serde_json::json!({"users": 3, "items": 4, "factors": 2})
+        );
+    }
+
+    #[test]
+    fn answers_parse_into_ids_and_scores() {
+        let v = serde_json::json!({"items": [
+            {"product_id": "p1", "score": 0.5, "user_product_affinity": 0.25},
+            {"product_id": "p2", "score": 0.4}
+        ]});
+        assert_eq!(
+            answer_items(&v, "score"),
+            [("p1".to_owned(), 0.5), ("p2".to_owned(), 0.4)]
+        );
+        let cf = answer_items(&v, "user_product_affinity");
+        assert_eq!(cf[0], ("p1".to_owned(), 0.25));
+        assert!(cf[1].1.is_nan());
     }
 
     #[test]
