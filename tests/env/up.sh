@@ -638,6 +638,17 @@ until k8s_ready; do
 	sleep 0.5
 done
 
+# Test namespaces left Terminating by earlier runs (their operator was killed before it could
+# drop its finalizers) keep the namespace controller busy: let them go.
+for ns in $("$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" get namespaces -l recsys.io/test=true \
+	-o jsonpath='{range .items[?(@.status.phase=="Terminating")]}{.metadata.name}{"\n"}{end}' 2>/dev/null); do
+	for obj in $("$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" get -n "$ns" \
+		featuredefinitions.recsys.io,batchjobs.recsys.io,modeldeployments.recsys.io -o name 2>/dev/null); do
+		"$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" patch -n "$ns" "$obj" --type=merge \
+			-p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+	done
+done
+
 # =============================================================================
 # 9. env file + summary
 # =============================================================================

@@ -216,18 +216,22 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        // The test's runtime is shutting down here, so ask kubectl; deletion finishes in the
-        // background (the namespace controller of the test cluster).
+        // The test's runtime is shutting down here, so ask kubectl. The operator of the test
+        // is gone by now, so the finalizers it put on recsys objects (a FeatureDefinition's
+        // in-use protection) are cleared first, or the namespace would stay Terminating and
+        // keep the namespace controller busy. Deletion finishes in the background.
+        let script = r#"
+ns="$1"
+kubectl get -n "$ns" featuredefinitions.recsys.io,batchjobs.recsys.io,modeldeployments.recsys.io -o name 2>/dev/null |
+while read -r obj; do
+  kubectl patch -n "$ns" "$obj" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1
+done
+kubectl delete namespace "$ns" --wait=false --ignore-not-found >/dev/null 2>&1
+"#;
         let _ = self
             .env
-            .command("kubectl")
-            .args([
-                "delete",
-                "namespace",
-                &self.name,
-                "--wait=false",
-                "--ignore-not-found",
-            ])
+            .command("bash")
+            .args(["-c", script, "bash", &self.name])
             .output();
     }
 }
