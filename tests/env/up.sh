@@ -512,7 +512,10 @@ seaweedfs_cmd() {
 		-master.port="$b" -master.port.grpc=$((b + 1)) -volume.port=$((b + 2)) -volume.port.grpc=$((b + 3))
 		-filer.port=$((b + 4)) -filer.port.grpc=$((b + 5)) -s3.port.grpc=$((b + 6))
 		-admin.port=$((b - 9993)) -admin.ui=false
-		-webdav=false -s3.port.iceberg=0 -s3.port.lance=0)
+		-webdav=false -s3.port.iceberg=0 -s3.port.lance=0
+		# A fixed number of volume slots: "auto" sizes it from the free disk space at start, and
+		# a start on a nearly full disk then refuses every write until restarted.
+		-volume.max=16)
 }
 # shellcheck disable=SC2329 # called indirectly
 s3_ping() { curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$S3_PORT/"; }
