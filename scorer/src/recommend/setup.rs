@@ -12,6 +12,7 @@
 //! | `--cf` | `true` | collaborative filtering on or off (off: the feature-store ranking, same answers' shape) |
 //! | `--weight-*` | 1, 0.2, 0.05, 0.1 | ranking weights of CF, popularity, freshness, category affinity |
 //! | `--shadow-queue`, `--shadow-workers` | 1024, 1 | shadow scoring queue and threads |
+//! | `--inline-scan-max` | 4,000,000 | largest top-k scan (products × factors) run inline; larger ones go to the blocking pool |
 //! | `--model-sync-interval`, `--rankings-refresh` | 30s, 60s | re-resolve aliases and retry failed loads; reload popularity rankings |
 //!
 //! User histories come from the Postgres `events` table with `--database-url`, else from
@@ -113,6 +114,10 @@ pub struct ModelArgs {
     /// How often aliases are re-resolved and failed loads retried.
     #[arg(long, env = "RECSYS_MODEL_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub model_sync_interval: Duration,
+    /// Largest top-k scan (products × factors) run on the request's runtime thread; larger
+    /// scans go to the blocking pool.
+    #[arg(long, env = "RECSYS_INLINE_SCAN_MAX", default_value_t = super::service::DEFAULT_INLINE_SCAN_MAX)]
+    pub inline_scan_max: usize,
     /// How often the popularity rankings are reloaded.
     #[arg(long, env = "RECSYS_RANKINGS_REFRESH", default_value = "60s", value_parser = parse_duration)]
     pub rankings_refresh: Duration,
@@ -271,6 +276,7 @@ pub async fn start(
             max_k: args.max_k,
             max_candidates: args.max_candidates,
             cf_enabled: args.cf,
+            inline_scan_max: args.inline_scan_max,
             weights: Weights {
                 cf: args.weight_cf,
                 popularity: args.weight_popularity,
