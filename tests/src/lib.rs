@@ -17,6 +17,9 @@ use kube::{Api, Client, Config};
 use tokio::sync::OnceCell;
 
 pub mod recommend;
+pub mod venv;
+
+pub use venv::Venv;
 
 /// Root of the repository.
 pub fn repo_root() -> PathBuf {

@@ -414,13 +414,7 @@ async fn answers_stay_right_and_prompt_while_redis_dies_and_freezes_under_load()
     }
     let probes = Arc::new(checked);
     let state_keys: Vec<String> = everyone.iter().map(|u| user_key(&prefix, u)).collect();
-    let mut conn = redis::Client::open(redis_url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
-    let cached: usize = redis::cmd("EXISTS")
-        .arg(&state_keys)
-        .query_async(&mut conn)
-        .await?;
+    let cached = cached_states(&redis_url, &state_keys).await?;
     ensure!(cached == everyone.len(), "{cached} user states in Redis");
 
     // The load, for the whole test.
@@ -476,13 +470,7 @@ async fn answers_stay_right_and_prompt_while_redis_dies_and_freezes_under_load()
             Duration::from_secs(20),
             "user states cached and read from Redis again",
             || async {
-                let mut conn = redis::Client::open(redis_url.as_str())?
-                    .get_multiplexed_async_connection()
-                    .await?;
-                let cached: usize = redis::cmd("EXISTS")
-                    .arg(&state_keys)
-                    .query_async(&mut conn)
-                    .await?;
+                let cached = cached_states(&redis_url, &state_keys).await?;
                 let now = metrics(addr).await?;
                 Ok(cached == everyone.len()
                     && metric(&now, HITS) > metric(&back, HITS)
@@ -572,4 +560,15 @@ async fn answers_stay_right_and_prompt_while_redis_dies_and_freezes_under_load()
     );
     drop(scorer);
     Ok(())
+}
+
+/// How many of `keys` exist in the Redis at `url`.
+async fn cached_states(url: &str, keys: &[String]) -> anyhow::Result<usize> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    Ok(redis::cmd("EXISTS")
+        .arg(keys)
+        .query_async(&mut conn)
+        .await?)
 }

@@ -294,40 +294,12 @@ impl Implicit {
                 args.implicit_version
             )),
         };
-        let python = venv.join("bin/python");
-        let wanted = Self::requirements(&args.implicit_version);
-        let marker = venv.join(".recsys-bench-requirements");
-        if !(python.exists()
-            && std::fs::read_to_string(&marker).is_ok_and(|s| s == wanted.join(" ")))
-        {
-            println!(
-                "implicit: installing {} into {} (once)",
-                wanted.join(" "),
-                venv.display()
-            );
-            if let Some(parent) = venv.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            run_checked(
-                Command::new(&args.python)
-                    .args(["-m", "venv", "--clear"])
-                    .arg(&venv),
-                &format!("{} -m venv {}", args.python, venv.display()),
-            )?;
-            run_checked(
-                Command::new(&python)
-                    .args([
-                        "-m",
-                        "pip",
-                        "install",
-                        "--quiet",
-                        "--disable-pip-version-check",
-                    ])
-                    .args(&wanted),
-                "pip install",
-            )?;
-            std::fs::write(&marker, wanted.join(" "))?;
+        let python = recsys_tests::Venv {
+            dir: venv,
+            python: args.python.clone(),
+            requirements: Self::requirements(&args.implicit_version),
         }
+        .ensure()?;
         ensure!(
             args.implicit_workers > 0,
             "--implicit-workers must be at least 1"
@@ -426,21 +398,6 @@ impl Implicit {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-}
-
-fn run_checked(cmd: &mut Command, what: &str) -> anyhow::Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {what}"))?;
-    ensure!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// `(product id, score)` of an answer's items; the score under `score_field`.

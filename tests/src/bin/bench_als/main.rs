@@ -15,7 +15,8 @@ use clap::{Parser, ValueEnum};
 use recsys_core::cf::eval;
 use recsys_core::cf::synth::{self, SynthParams};
 
-use crate::sides::{Matrices, Params, Venv};
+use crate::sides::{Matrices, Params};
+use recsys_tests::Venv;
 
 /// How the one seeded split is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
