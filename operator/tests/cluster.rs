@@ -24,7 +24,7 @@ use recsys_core::serving::routing::{
 };
 use recsys_crds::common::find_condition;
 use recsys_crds::feature_definition::Freshness;
-use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDeployment};
+use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDeployment, Stage};
 use recsys_operator::controller::model_deployment::ROUTING_KEY;
 use recsys_scorer::recommend::cluster_routing::{ConfigMapRef, ConfigMapRoutingSource};
 use recsys_tests::{TestEnv, TestNamespace, example, install_crds, wait_for};
@@ -817,23 +817,31 @@ async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow:
     })
     .await?;
 
-    // A new version waits as the candidate; the table keeps every user on stable.
+    // A new version is shadowed first (the example's first step); every user stays on stable.
     body["spec"]["version"] = json!("20261127-0200");
     apply(&mds, "als", &body).await?;
-    wait_for(WAIT, "the candidate in status", || async {
+    wait_for(WAIT, "the candidate shadowed", || async {
         let s = mds.get("als").await?.status.unwrap_or_default();
         let progressing = find_condition(&s.conditions, "Progressing")
             .map(|c| (c.status.clone(), c.reason.clone()));
         Ok(s.candidate_version.as_deref() == Some("20261127-0200")
-            && progressing == Some(("False".into(), "RolloutNotImplemented".into())))
+            && progressing == Some(("True".into(), "Shadow".into())))
     })
     .await?;
     let route_now = routing_of(&cms.get("als-routing").await?)?;
+    let route = route_now.route("als").context("route als")?;
     assert_eq!(
-        route_now.route("als").map(|r| r.stable()),
-        Some("20261126-0200")
+        (route.stable(), route.shadow(), route.canary()),
+        ("20261126-0200", Some("20261127-0200"), None)
     );
-    assert_eq!(route_now.route("als").and_then(|r| r.canary()), None);
+    wait_for(WAIT, "the shadow in the scorer's source", || async {
+        Ok(source
+            .current()
+            .route("als")
+            .and_then(|r| r.shadow().map(str::to_owned))
+            == Some("20261127-0200".to_owned()))
+    })
+    .await?;
 
     // A changed salt reaches the scorer's source.
     let loads = |m: &RoutingMetrics| {
@@ -873,8 +881,8 @@ async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow:
         || async { Ok(cms.get_opt("als-routing").await?.is_some()) },
     )
     .await?;
-    // The scorer saw both bad states, refused them, and loaded exactly two tables: the first
-    // and the new salt (a new candidate alone does not change the routes).
+    // The scorer saw both bad states, refused them, and loaded exactly three tables: the
+    // first, the shadowed candidate and the new salt (the restored table is not a new one).
     let refused = wait_for(WAIT, "the scorer to report the refused states", || async {
         let text = loads(&metrics);
         Ok(
@@ -886,11 +894,104 @@ async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow:
     .await;
     refused.with_context(|| loads(&metrics))?;
     assert!(
-        loads(&metrics).contains("routing_table_reloads_total{outcome=\"ok\"} 2"),
+        loads(&metrics).contains("routing_table_reloads_total{outcome=\"ok\"} 3"),
         "{}",
         loads(&metrics)
     );
     assert_eq!(source.current(), serving);
+
+    op.kill();
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rollout_moves_through_its_steps_and_the_table_follows() -> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-rollout").await?;
+    let mut op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let route = || async {
+        let t = routing_of(&cms.get("als-routing").await?)?;
+        let r = t.route("als").context("route als")?;
+        anyhow::Ok((
+            r.stable().to_owned(),
+            r.shadow().map(str::to_owned),
+            r.canary().map(|c| (c.version().to_owned(), c.weight())),
+        ))
+    };
+    let stage_of = |md: &ModelDeployment| {
+        let s = md.status.clone().unwrap_or_default();
+        let progressing = find_condition(&s.conditions, "Progressing").map(|c| c.reason.clone());
+        (s.stage, s.canary_weight, progressing)
+    };
+
+    // Timed steps, a manual approval, no analysis thresholds.
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["strategy"] = json!({"steps": [
+        {"shadow": {"duration": "2s"}},
+        {"canary": {"weight": 50, "duration": "2s"}},
+        {"pause": {}},
+        {"full": {}}
+    ]});
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "RoutingPublished").await?;
+    assert_eq!(route().await?, ("v1".into(), None, None));
+
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    // Shadow, then the canary (two seconds each; status times have whole seconds), then the
+    // pause waiting for approval with the canary's weight held.
+    let mut seen = vec![];
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let md = mds.get("als").await?;
+        let now = stage_of(&md);
+        let table = route().await?;
+        if seen.last() != Some(&(now.clone(), table.clone())) {
+            seen.push((now.clone(), table));
+        }
+        if now.2.as_deref() == Some("AwaitingApproval") {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the rollout did not reach the approval: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        route().await?,
+        ("v1".into(), None, Some(("v2".into(), 50))),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|((stage, ..), table)| *stage == Stage::Shadow
+                && table.1.as_deref() == Some("v2")),
+        "the candidate was shadowed first: {seen:?}"
+    );
+
+    // Approving the pause (step 2) promotes v2: stable for everyone, recorded in history.
+    mds.patch(
+        "als",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"recsys.io/approve": "2"}}})),
+    )
+    .await?;
+    wait_for(WAIT, "v2 promoted", || async {
+        let s = mds.get("als").await?.status.unwrap_or_default();
+        Ok(s.stable_version.as_deref() == Some("v2") && s.stage == Stage::Promoted)
+    })
+    .await?;
+    assert_eq!(route().await?, ("v2".into(), None, None));
+    let s = mds.get("als").await?.status.unwrap_or_default();
+    let history: Vec<(&str, Stage)> = s
+        .history
+        .iter()
+        .map(|r| (r.version.as_str(), r.outcome))
+        .collect();
+    assert_eq!(history, [("v2", Stage::Promoted), ("v1", Stage::Promoted)]);
 
     op.kill();
     Ok(())

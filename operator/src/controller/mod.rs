@@ -3,6 +3,7 @@
 pub mod batch_job;
 pub mod feature_definition;
 pub mod model_deployment;
+pub mod rollout;
 
 use std::fmt::Debug;
 use std::sync::Arc;

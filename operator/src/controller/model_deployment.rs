@@ -7,10 +7,10 @@
 //! - The first version of a model has nothing to be compared with, so it becomes stable at
 //!   once (as Argo Rollouts and Flagger do with an initial deployment), and the routing table
 //!   sends every user to it. `Ready` is then True with reason `RoutingPublished`.
-//! - A later version is recorded as the candidate, and `Progressing` is False with reason
-//!   `RolloutNotImplemented`: the steps (shadow, canary weights, pauses, analysis, promotion,
-//!   rollback) are not run yet, so the stable version keeps every user. Said plainly rather
-//!   than pretending.
+//! - A later version is rolled out through the steps ([`super::rollout`]); the table follows
+//!   each step and the controller looks again when a timed step ends. Analysis is not checked
+//!   yet: a strategy with thresholds holds before giving the candidate users
+//!   (`AnalysisUnavailable`), and there is no automatic rollback.
 //! - The scorer Deployment, Service and PodDisruptionBudget are not created yet; scorer pods
 //!   started by other means serve the table.
 
@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -26,11 +26,12 @@ use kube::{Resource, ResourceExt};
 use recsys_core::serving::routing::{
     CanaryDocument, FORMAT_VERSION, RouteDocument, RoutingDocument, RoutingTable,
 };
+use recsys_crds::common::READY;
 use recsys_crds::common::{self, ConditionStatus};
-use recsys_crds::{ModelDeployment, ModelDeploymentStatus, RolloutRecord, Stage};
+use recsys_crds::{ModelDeployment, ModelDeploymentStatus, Stage};
 use tracing::instrument;
 
-use super::{Assessment, Context, Error, FIELD_MANAGER, Problem, stamped, write_status};
+use super::{Assessment, Context, Error, FIELD_MANAGER, Problem, rollout, stamped, write_status};
 
 /// Key of the routing table in its ConfigMap (what `scorer --routing-configmap-key` defaults to).
 pub const ROUTING_KEY: &str = "routing.yaml";
@@ -38,8 +39,6 @@ pub const ROUTING_KEY: &str = "routing.yaml";
 pub const ROUTING_LABEL: &str = "recsys.io/routing-for";
 /// Condition: a rollout is under way (or waiting to be).
 pub const PROGRESSING: &str = "Progressing";
-/// Most rollouts kept in `status.history`.
-const HISTORY_LIMIT: usize = 20;
 
 /// Name of the ConfigMap holding the routing table of `md`.
 pub fn routing_configmap_name(md: &ModelDeployment) -> String {
@@ -103,43 +102,56 @@ pub fn validate(md: &ModelDeployment) -> Vec<Problem> {
 }
 
 /// Assessment of a ModelDeployment: the spec's problems, and readiness once its routing table
-/// is published.
+/// is published (the message is completed by [`desired_status`]).
 pub fn assess(md: &ModelDeployment) -> Assessment {
     let problems = validate(md);
     if !problems.is_empty() {
         return Assessment::invalid(problems);
     }
-    let stable = md
-        .status
-        .as_ref()
-        .and_then(|s| s.stable_version.as_deref())
-        .unwrap_or(&md.spec.version);
     Assessment::accepted(
         ConditionStatus::True,
         "RoutingPublished",
-        format!(
-            "ConfigMap {} routes every user of model {} to stable version {stable}; scorer pods started with --routing-configmap {} serve it (this operator version does not create scorer pods)",
-            routing_configmap_name(md),
-            md.spec.model,
-            routing_configmap_name(md),
-        ),
+        routing_message(md, md.status.as_ref()),
     )
 }
 
-/// The status for `assessment`: the first version becomes stable at once; a later one is the
-/// candidate, waiting (the rollout steps are not run by this version).
+/// What the routing table of `md` says, for the Ready condition.
+fn routing_message(md: &ModelDeployment, status: Option<&ModelDeploymentStatus>) -> String {
+    let stable = status
+        .and_then(|s| s.stable_version.as_deref())
+        .unwrap_or(&md.spec.version);
+    let candidate = match status {
+        Some(s) if s.candidate_version.is_some() && s.stage == Stage::Shadow => {
+            format!(", candidate {} shadowed", md.spec.version)
+        }
+        Some(s) if s.candidate_version.is_some() && s.canary_weight > 0 => format!(
+            ", candidate {} for {}% of users",
+            md.spec.version, s.canary_weight
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "ConfigMap {name} routes model {model}: stable {stable}{candidate}; scorer pods started with --routing-configmap {name} serve it (this operator version does not create scorer pods)",
+        name = routing_configmap_name(md),
+        model = md.spec.model,
+    )
+}
+
+/// The status for `assessment`, and when to look again: the first version becomes stable at
+/// once; a later one is rolled out through the steps ([`rollout::advance`]).
 pub fn desired_status(
     md: &ModelDeployment,
     assessment: &Assessment,
     now: Timestamp,
-) -> ModelDeploymentStatus {
+) -> (ModelDeploymentStatus, Option<std::time::Duration>) {
     let generation = md.metadata.generation;
     let mut status: ModelDeploymentStatus =
         stamped(md.status.as_ref(), assessment, generation, now);
     if !assessment.is_accepted() {
-        return status;
+        return (status, None);
     }
     let version = &md.spec.version;
+    let mut requeue = None;
     let progressing = match status.stable_version.clone() {
         None => {
             status.stable_version = Some(version.clone());
@@ -147,18 +159,14 @@ pub fn desired_status(
             status.stage = Stage::Promoted;
             status.canary_weight = 0;
             status.current_step = None;
-            status.history.insert(
-                0,
-                RolloutRecord {
-                    version: version.clone(),
-                    outcome: Stage::Promoted,
-                    reason: "InitialVersion: the model had no stable version to compare with"
-                        .to_owned(),
-                    finished_at: Time(now),
-                },
+            rollout::record(
+                &mut status,
+                version,
+                Stage::Promoted,
+                "InitialVersion: the model had no stable version to compare with".to_owned(),
+                now,
             );
-            status.history.truncate(HISTORY_LIMIT);
-            common::condition(
+            Some(common::condition(
                 PROGRESSING,
                 ConditionStatus::False,
                 "InitialVersion",
@@ -168,46 +176,55 @@ pub fn desired_status(
                 ),
                 generation,
                 now,
-            )
+            ))
         }
         Some(stable) if &stable == version => {
             status.candidate_version = None;
             status.stage = Stage::Promoted;
             status.canary_weight = 0;
             status.current_step = None;
-            let settled = common::find_condition(&status.conditions, PROGRESSING)
-                .is_some_and(|c| c.status == "False" && c.reason == "InitialVersion");
-            if settled {
-                // Still the first version: the condition keeps saying how it became stable.
-                return status;
-            }
-            common::condition(
-                PROGRESSING,
-                ConditionStatus::False,
-                "NothingToRollOut",
-                format!("{version} is the stable version"),
-                generation,
-                now,
-            )
+            status.step_started_at = None;
+            // A condition saying how it became stable stays.
+            let settled =
+                common::find_condition(&status.conditions, PROGRESSING).is_some_and(|c| {
+                    c.status == "False"
+                        && matches!(c.reason.as_str(), "InitialVersion" | "Promoted")
+                });
+            (!settled).then(|| {
+                common::condition(
+                    PROGRESSING,
+                    ConditionStatus::False,
+                    "NothingToRollOut",
+                    format!("{version} is the stable version"),
+                    generation,
+                    now,
+                )
+            })
         }
-        Some(stable) => {
-            status.candidate_version = Some(version.clone());
-            status.stage = Stage::Pending;
-            status.canary_weight = 0;
-            common::condition(
+        Some(_) => {
+            let progress = rollout::advance(md, &mut status, now);
+            requeue = progress.requeue;
+            Some(common::condition(
                 PROGRESSING,
-                ConditionStatus::False,
-                "RolloutNotImplemented",
-                format!(
-                    "candidate {version} waits: this operator version does not run rollout steps yet, so stable {stable} keeps every user"
-                ),
+                ConditionStatus::from(progress.is_progressing()),
+                progress.reason,
+                progress.message,
                 generation,
                 now,
-            )
+            ))
         }
     };
-    common::set_condition(&mut status.conditions, progressing);
-    status
+    if let Some(c) = progressing {
+        common::set_condition(&mut status.conditions, c);
+    }
+    // The Ready message describes the table this status publishes.
+    let message = routing_message(md, Some(&status));
+    if let Some(ready) = status.conditions.iter_mut().find(|c| c.type_ == READY)
+        && ready.status == "True"
+    {
+        ready.message = message;
+    }
+    (status, requeue)
 }
 
 /// The routing table `status` calls for: stable for everyone, the candidate shadowed during a
@@ -288,7 +305,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         .namespace()
         .ok_or_else(|| Error::NoNamespace(md.name_any()))?;
     let mut assessment = assess(&md);
-    let mut status = desired_status(&md, &assessment, Timestamp::now());
+    let (mut status, mut requeue) = desired_status(&md, &assessment, Timestamp::now());
     if assessment.is_accepted() {
         match routing_configmap(&md, routing_document(&md, &status)) {
             Ok(cm) => {
@@ -305,7 +322,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             }
             Err(problem) => {
                 assessment = Assessment::invalid(vec![problem]);
-                status = desired_status(&md, &assessment, Timestamp::now());
+                (status, requeue) = desired_status(&md, &assessment, Timestamp::now());
             }
         }
     }
@@ -316,7 +333,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         &status,
     )
     .await?;
-    Ok(assessment.next_action())
+    // A timed step ends before the periodic resync: look again then.
+    Ok(match requeue {
+        Some(d) if assessment.is_accepted() => Action::requeue(d.min(super::RESYNC)),
+        _ => assessment.next_action(),
+    })
 }
 
 #[cfg(test)]
@@ -368,7 +389,8 @@ spec:
             (ConditionStatus::True, "RoutingPublished")
         );
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
-        let s = desired_status(&m, &got, now);
+        let (s, requeue) = desired_status(&m, &got, now);
+        assert_eq!(requeue, None);
         assert_eq!(s.observed_generation, Some(4));
         assert_eq!(s.stable_version.as_deref(), Some("20261126-0700"));
         assert_eq!(s.candidate_version, None);
@@ -387,39 +409,64 @@ spec:
         // Reconciling again changes nothing: no second history record.
         let mut again = m.clone();
         again.status = Some(s.clone());
-        let s2 = desired_status(&again, &assess(&again), now);
+        let (s2, _) = desired_status(&again, &assess(&again), now);
         assert_eq!(s2, s);
     }
 
     #[test]
-    fn a_later_version_waits_as_candidate_while_stable_keeps_every_user() {
+    fn a_later_version_is_shadowed_then_held_at_the_analysis_gate() {
         let mut m = md(ALS);
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
-        let first = desired_status(&m, &assess(&m), now);
+        let (first, _) = desired_status(&m, &assess(&m), now);
         m.status = Some(first);
         m.spec.version = "20261127-0700".into();
         m.metadata.generation = Some(5);
-        let s = desired_status(&m, &assess(&m), now);
+        let (s, requeue) = desired_status(&m, &assess(&m), now);
         assert_eq!(s.stable_version.as_deref(), Some("20261126-0700"));
         assert_eq!(s.candidate_version.as_deref(), Some("20261127-0700"));
-        assert_eq!(s.stage, Stage::Pending);
+        assert_eq!(s.stage, Stage::Shadow);
+        assert_eq!(requeue, Some(std::time::Duration::from_secs(30 * 60)));
         let progressing = common::find_condition(&s.conditions, PROGRESSING).expect("cond");
         assert_eq!(
             (progressing.status.as_str(), progressing.reason.as_str()),
-            ("False", "RolloutNotImplemented")
+            ("True", "Shadow")
+        );
+        let ready = common::find_condition(&s.conditions, READY).expect("ready");
+        assert!(
+            ready.message.contains("candidate 20261127-0700 shadowed"),
+            "{}",
+            ready.message
         );
         let t = table(&m, &s);
         let route = t.route("als").expect("als");
         assert_eq!(route.stable(), "20261126-0700");
+        assert_eq!(route.shadow(), Some("20261127-0700"));
         assert_eq!(route.canary(), None);
         assert_eq!(route.salt(), "2026-q4");
 
-        // Set back to the stable version: nothing to roll out.
+        // The fixture sets analysis thresholds, which this version cannot check: after the
+        // shadow step it holds rather than send users to the candidate.
         m.status = Some(s);
+        let later: Timestamp = "2026-11-26T00:31:00Z".parse().expect("ts");
+        let (held, requeue) = desired_status(&m, &assess(&m), later);
+        assert_eq!(
+            (held.stage, held.canary_weight, requeue),
+            (Stage::Shadow, 0, None)
+        );
+        let progressing = common::find_condition(&held.conditions, PROGRESSING).expect("cond");
+        assert_eq!(progressing.reason, "AnalysisUnavailable");
+
+        // Set back to the stable version: nothing to roll out.
+        m.status = Some(held);
         m.spec.version = "20261126-0700".into();
-        let back = desired_status(&m, &assess(&m), now);
+        let (back, _) = desired_status(&m, &assess(&m), later);
         assert_eq!(back.candidate_version, None);
         assert_eq!(back.stage, Stage::Promoted);
+        assert!(
+            table(&m, &back)
+                .route("als")
+                .is_some_and(|r| r.shadow().is_none())
+        );
     }
 
     #[test]
