@@ -36,6 +36,17 @@ pub struct RegistryLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of `model_deployments_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeploymentLabels {
+    /// The model.
+    pub model_name: String,
+    /// The version that moved.
+    pub version: String,
+    /// Where it moved to: `shadow`, `canary`, `paused`, `promoted` or `rolled_back`.
+    pub status: &'static str,
+}
+
 /// All operator metrics and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
@@ -49,11 +60,15 @@ pub struct Metrics {
     pub leader: Gauge<i64, AtomicI64>,
     /// Feature registry operations, by operation and outcome.
     pub registry_operations: Family<RegistryLabels, Counter>,
+    /// Rollout transitions of ModelDeployments (`model_deployments_total`).
+    pub deployments: Family<DeploymentLabels, Counter>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("recsys_operator");
+        // Names carry their prefix themselves: `model_deployments_total` keeps the name the
+        // dashboards and alerts use across components.
+        let mut registry = Registry::default();
         let reconciles = Family::<ControllerLabels, Counter>::default();
         let failures = Family::<ErrorLabels, Counter>::default();
         let duration = Family::<ControllerLabels, Histogram>::new_with_constructor(|| {
@@ -61,29 +76,40 @@ impl Default for Metrics {
         });
         let leader = Gauge::<i64, AtomicI64>::default();
         let registry_operations = Family::<RegistryLabels, Counter>::default();
-        registry.register("reconciles", "Reconciliations started", reconciles.clone());
         registry.register(
-            "reconcile_failures",
+            "recsys_operator_reconciles",
+            "Reconciliations started",
+            reconciles.clone(),
+        );
+        registry.register(
+            "recsys_operator_reconcile_failures",
             "Reconciliations that failed, by error kind",
             failures.clone(),
         );
         registry.register(
-            "reconcile_duration_seconds",
+            "recsys_operator_reconcile_duration_seconds",
             "Time spent per reconciliation",
             duration.clone(),
         );
         registry.register(
-            "leader",
+            "recsys_operator_leader",
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
         registry.register(
-            "registry_operations",
+            "recsys_operator_registry_operations",
             "Feature registry operations, by operation and outcome (ok or the error kind)",
             registry_operations.clone(),
         );
+        let deployments = Family::<DeploymentLabels, Counter>::default();
+        registry.register(
+            "model_deployments",
+            "Rollout transitions of ModelDeployments, by model, version and where it moved to",
+            deployments.clone(),
+        );
         Self {
             registry,
+            deployments,
             reconciles,
             failures,
             duration,

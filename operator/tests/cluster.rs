@@ -993,6 +993,18 @@ async fn a_rollout_moves_through_its_steps_and_the_table_follows() -> anyhow::Re
         .collect();
     assert_eq!(history, [("v2", Stage::Promoted), ("v1", Stage::Promoted)]);
 
+    // Counted and told.
+    for (version, to) in [("v1", "promoted"), ("v2", "shadow"), ("v2", "promoted")] {
+        let series = format!(
+            "model_deployments_total{{model_name=\"als\",version=\"{version}\",status=\"{to}\"}}"
+        );
+        assert_eq!(op.metric(&series).await?, Some(1.0), "{series}");
+    }
+    let evs = events(&client, &ns.name, "als").await?;
+    for reason in ["RolloutShadow", "Promoted"] {
+        assert!(evs.contains(&("Normal".into(), reason.into())), "{evs:?}");
+    }
+
     op.kill();
     Ok(())
 }

@@ -297,6 +297,65 @@ pub fn routing_configmap(
     })
 }
 
+/// The transition from `before` to `after`, if the rollout moved: (version, where to).
+pub fn transition(
+    before: &ModelDeploymentStatus,
+    after: &ModelDeploymentStatus,
+) -> Option<(String, &'static str)> {
+    if after.stable_version != before.stable_version {
+        return after.stable_version.clone().map(|v| (v, "promoted"));
+    }
+    let candidate = after.candidate_version.clone()?;
+    let moved = after.stage != before.stage
+        || after.canary_weight != before.canary_weight
+        || before.candidate_version.as_ref() != Some(&candidate);
+    let to = match after.stage {
+        Stage::Shadow => "shadow",
+        Stage::Canary => "canary",
+        Stage::Paused => "paused",
+        Stage::RolledBack => "rolled_back",
+        Stage::Pending | Stage::Promoted => return None,
+    };
+    moved.then_some((candidate, to))
+}
+
+/// Counts a rollout transition in `model_deployments_total` and tells it in an Event.
+async fn announce_rollout(
+    ctx: &Context,
+    md: &ModelDeployment,
+    before: &ModelDeploymentStatus,
+    after: &ModelDeploymentStatus,
+) {
+    let Some((version, to)) = transition(before, after) else {
+        return;
+    };
+    ctx.metrics
+        .deployments
+        .get_or_create(&crate::metrics::DeploymentLabels {
+            model_name: md.spec.model.clone(),
+            version: version.clone(),
+            status: to,
+        })
+        .inc();
+    let message = common::find_condition(&after.conditions, PROGRESSING)
+        .map_or_else(|| format!("{version}: {to}"), |c| c.message.clone());
+    let reason = match to {
+        "shadow" => "RolloutShadow",
+        "canary" => "RolloutCanary",
+        "paused" => "RolloutPaused",
+        "promoted" => "Promoted",
+        _ => "RolledBack",
+    };
+    ctx.event(
+        md,
+        kube::runtime::events::EventType::Normal,
+        reason,
+        message,
+        "Rollout",
+    )
+    .await;
+}
+
 /// Reconciles one ModelDeployment: publishes its routing table, then its status.
 #[instrument(skip(md, ctx), fields(name = %md.name_any(), namespace = md.namespace().unwrap_or_default()))]
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -326,13 +385,10 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
             }
         }
     }
-    write_status(
-        &ctx,
-        md.as_ref(),
-        &md.status.clone().unwrap_or_default(),
-        &status,
-    )
-    .await?;
+    let before = md.status.clone().unwrap_or_default();
+    if write_status(&ctx, md.as_ref(), &before, &status).await? {
+        announce_rollout(&ctx, &md, &before, &status).await;
+    }
     // A timed step ends before the periodic resync: look again then.
     Ok(match requeue {
         Some(d) if assessment.is_accepted() => Action::requeue(d.min(super::RESYNC)),
@@ -490,6 +546,42 @@ spec:
         s.stage = Stage::RolledBack;
         let r = route(&s);
         assert_eq!((r.stable(), r.canary(), r.shadow()), ("v1", None, None));
+    }
+
+    #[test]
+    fn transitions_are_the_moves_of_a_rollout() {
+        let stable = ModelDeploymentStatus {
+            stable_version: Some("v1".into()),
+            stage: Stage::Promoted,
+            ..Default::default()
+        };
+        let shadow = ModelDeploymentStatus {
+            candidate_version: Some("v2".into()),
+            stage: Stage::Shadow,
+            ..stable.clone()
+        };
+        let canary = ModelDeploymentStatus {
+            stage: Stage::Canary,
+            canary_weight: 10,
+            ..shadow.clone()
+        };
+        let wider = ModelDeploymentStatus {
+            canary_weight: 50,
+            ..canary.clone()
+        };
+        let promoted = ModelDeploymentStatus {
+            stable_version: Some("v2".into()),
+            ..stable.clone()
+        };
+        let nothing = ModelDeploymentStatus::default();
+        let t = |a, b| transition(a, b).map(|(v, to)| format!("{v} {to}"));
+        assert_eq!(t(&nothing, &stable).as_deref(), Some("v1 promoted"));
+        assert_eq!(t(&stable, &shadow).as_deref(), Some("v2 shadow"));
+        assert_eq!(t(&shadow, &canary).as_deref(), Some("v2 canary"));
+        assert_eq!(t(&canary, &wider).as_deref(), Some("v2 canary"));
+        assert_eq!(t(&wider, &promoted).as_deref(), Some("v2 promoted"));
+        assert_eq!(t(&canary, &canary), None, "no move, nothing counted");
+        assert_eq!(t(&promoted, &promoted), None);
     }
 
     #[test]
