@@ -91,6 +91,12 @@ pub fn advance(
         };
     }
     let gated = has_thresholds(&md.spec.strategy.analysis);
+    if step_of(status) >= steps.len() && !steps.is_empty() {
+        // The steps were shortened under a rollout that had not finished them (a finished one
+        // is promoted and has no step): resume at the new last step, not promote unchecked.
+        status.current_step = Some(steps.len() as i32 - 1);
+        status.step_started_at = Some(Time(now));
+    }
     loop {
         let index = step_of(status);
         let Some(step) = steps.get(index) else {
@@ -378,6 +384,27 @@ spec:
             ("AnalysisUnavailable", Stage::Shadow, 0)
         );
         assert!(p.message.contains("10%"), "{}", p.message);
+    }
+
+    #[test]
+    fn shortened_steps_resume_at_the_new_last_step() {
+        let mut m = md(TIMED);
+        let mut s = stable_v1();
+        advance(&m, &mut s, at("2026-11-26T10:00:00Z"));
+        advance(&m, &mut s, at("2026-11-26T10:10:00Z"));
+        advance(&m, &mut s, at("2026-11-26T11:10:00Z"));
+        assert_eq!(s.current_step, Some(2), "waiting for approval");
+        m.spec.strategy.steps.truncate(2);
+        let p = advance(&m, &mut s, at("2026-11-26T11:11:00Z"));
+        assert_eq!(
+            (p.reason, s.current_step, s.canary_weight),
+            ("Canary", Some(1), 10)
+        );
+        assert_eq!(
+            s.stable_version.as_deref(),
+            Some("v1"),
+            "not promoted unchecked"
+        );
     }
 
     #[test]
