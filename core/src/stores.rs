@@ -87,6 +87,17 @@ pub async fn postgres(args: &PostgresArgs) -> Result<sqlx::PgPool, StoreError> {
     Ok(pool)
 }
 
+/// Whether a Redis error means the server is unavailable (I/O, a dropped or refused
+/// connection, a timeout, an unrecoverable state) rather than a refused command: what the
+/// online store and the user-state cache degrade on.
+pub(crate) fn redis_unavailable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+}
+
 /// Redis options.
 #[derive(Args, Clone, Debug)]
 pub struct RedisArgs {

@@ -228,12 +228,7 @@ impl UserStateError {
 
     /// A Redis error, classified as unavailability (I/O, connection, timeouts) or a refusal.
     pub(crate) fn redis(op: &'static str, source: redis::RedisError) -> Self {
-        if source.is_io_error()
-            || source.is_connection_dropped()
-            || source.is_connection_refusal()
-            || source.is_timeout()
-            || source.is_unrecoverable_error()
-        {
+        if crate::stores::redis_unavailable(&source) {
             Self::Unavailable { op, source }
         } else {
             Self::Command { op, source }

@@ -23,15 +23,20 @@ pub const MAX_ENTITY_ID_LEN: usize = 512;
 /// Longest key prefix.
 pub const MAX_PREFIX_LEN: usize = 64;
 
-/// Checks a key prefix: `[A-Za-z0-9_.-]{1,64}` (no `:` and no glob characters, so that a
-/// `SCAN MATCH` pattern built from it matches only our keys).
-pub fn validate_prefix(prefix: &str) -> Result<(), OnlineError> {
-    let ok = !prefix.is_empty()
+/// Whether `prefix` is a valid key prefix, `[A-Za-z0-9_.-]{1,64}`: the rule of every key this
+/// crate writes to Redis (the online store's and the user-state cache's).
+pub fn is_valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
         && prefix.len() <= MAX_PREFIX_LEN
         && prefix
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Checks a key prefix: `[A-Za-z0-9_.-]{1,64}` (no `:` and no glob characters, so that a
+/// `SCAN MATCH` pattern built from it matches only our keys).
+pub fn validate_prefix(prefix: &str) -> Result<(), OnlineError> {
+    if is_valid_prefix(prefix) {
         Ok(())
     } else {
         Err(OnlineError::InvalidName {

@@ -122,7 +122,7 @@
 //! `feature_store_near_cache_*` (hits, misses, evictions, invalidations, flushes, size; see
 //! [`OnlineMetrics`]), and [`RedisOnlineStore::near_cache_stats`].
 
-mod codec;
+pub(crate) mod codec;
 mod fallback;
 pub mod http;
 mod memory;
@@ -377,12 +377,7 @@ impl OnlineError {
 
     /// A Redis error, classified as unavailability (I/O, connection, timeouts) or a refusal.
     pub(crate) fn redis(op: &'static str, source: redis::RedisError) -> Self {
-        if source.is_io_error()
-            || source.is_connection_dropped()
-            || source.is_connection_refusal()
-            || source.is_timeout()
-            || source.is_unrecoverable_error()
-        {
+        if crate::stores::redis_unavailable(&source) {
             Self::Unavailable { op, source }
         } else {
             Self::Command { op, source }

@@ -11,9 +11,6 @@ pub const HEADER_LEN: usize = 24;
 /// The field holding the user's generation.
 pub(crate) const GENERATION_FIELD: &str = "~gen";
 
-/// Longest key prefix.
-const MAX_PREFIX_LEN: usize = 64;
-
 /// The Redis key of a user: `{prefix}:u:{user_id}`.
 pub fn user_key(prefix: &str, user_id: &str) -> String {
     let mut key = String::with_capacity(prefix.len() + 3 + user_id.len());
@@ -30,12 +27,7 @@ pub fn field(key: &StateKey<'_>) -> String {
 
 /// Checks a key prefix: `[A-Za-z0-9_.-]{1,64}`, the online store's rule.
 pub(crate) fn validate_prefix(prefix: &str) -> Result<(), UserStateError> {
-    let ok = !prefix.is_empty()
-        && prefix.len() <= MAX_PREFIX_LEN
-        && prefix
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+    if crate::features::online::codec::is_valid_prefix(prefix) {
         Ok(())
     } else {
         Err(UserStateError::InvalidArgument(format!(
