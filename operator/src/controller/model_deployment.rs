@@ -108,23 +108,19 @@ pub fn assess(md: &ModelDeployment) -> Assessment {
     if !problems.is_empty() {
         return Assessment::invalid(problems);
     }
-    Assessment::accepted(
-        ConditionStatus::True,
-        "RoutingPublished",
-        routing_message(md, md.status.as_ref()),
-    )
+    // The message describes the table, which depends on the new status: `desired_status`
+    // writes it.
+    Assessment::accepted(ConditionStatus::True, "RoutingPublished", String::new())
 }
 
 /// What the routing table of `md` says, for the Ready condition.
-fn routing_message(md: &ModelDeployment, status: Option<&ModelDeploymentStatus>) -> String {
-    let stable = status
-        .and_then(|s| s.stable_version.as_deref())
-        .unwrap_or(&md.spec.version);
+fn routing_message(md: &ModelDeployment, status: &ModelDeploymentStatus) -> String {
+    let stable = status.stable_version.as_deref().unwrap_or(&md.spec.version);
     let candidate = match status {
-        Some(s) if s.candidate_version.is_some() && s.stage == Stage::Shadow => {
+        s if s.candidate_version.is_some() && s.stage == Stage::Shadow => {
             format!(", candidate {} shadowed", md.spec.version)
         }
-        Some(s) if s.candidate_version.is_some() && s.canary_weight > 0 => format!(
+        s if s.candidate_version.is_some() && s.canary_weight > 0 => format!(
             ", candidate {} for {}% of users",
             md.spec.version, s.canary_weight
         ),
@@ -218,7 +214,7 @@ pub fn desired_status(
         common::set_condition(&mut status.conditions, c);
     }
     // The Ready message describes the table this status publishes.
-    let message = routing_message(md, Some(&status));
+    let message = routing_message(md, &status);
     if let Some(ready) = status.conditions.iter_mut().find(|c| c.type_ == READY)
         && ready.status == "True"
     {
