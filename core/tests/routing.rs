@@ -194,6 +194,16 @@ async fn within<F: Future<Output = Result<()>>>(what: &str, f: F) -> Result<()> 
 }
 
 /// Waits until the source serves the table of `revision`, seen through a subscription.
+/// A file source over `<a new temporary directory>/<name>`, which holds `doc("r1", 10)`.
+async fn watched(name: &str) -> Result<(tempfile::TempDir, PathBuf, FileRoutingSource, Registry)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join(name);
+    std::fs::write(&path, doc("r1", 10))?;
+    let (m, registry) = metrics();
+    let source = FileRoutingSource::start(&path, options(&m)).await?;
+    Ok((dir, path, source, registry))
+}
+
 async fn serves(source: &FileRoutingSource, revision: &str) -> Result<()> {
     let mut changes = source.subscribe();
     within(&format!("serving {revision}"), async {
@@ -281,11 +291,7 @@ async fn a_missing_or_invalid_file_at_start_is_an_error_naming_it() -> Result<()
 
 #[tokio::test]
 async fn an_atomic_rename_is_picked_up() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("routing.yaml");
-    std::fs::write(&path, doc("r1", 10))?;
-    let (m, registry) = metrics();
-    let source = FileRoutingSource::start(&path, options(&m)).await?;
+    let (_dir, path, source, registry) = watched("routing.yaml").await?;
     assert_eq!(source.current().revision(), "r1");
     assert_eq!(source.path(), path);
 
@@ -315,11 +321,7 @@ async fn an_atomic_rename_is_picked_up() -> Result<()> {
 #[tokio::test]
 async fn an_in_place_edit_of_the_same_length_is_picked_up() -> Result<()> {
     // Same length, written within the same second: metadata alone would not tell them apart.
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("routing");
-    std::fs::write(&path, doc("r1", 10))?;
-    let (m, _registry) = metrics();
-    let source = FileRoutingSource::start(&path, options(&m)).await?;
+    let (_dir, path, source, _registry) = watched("routing").await?;
     std::fs::write(&path, doc("r2", 20))?;
     serves(&source, "r2").await?;
     assert_eq!(
@@ -384,11 +386,7 @@ async fn a_configmap_symlink_swap_is_picked_up() -> Result<()> {
 
 #[tokio::test]
 async fn a_bad_edit_keeps_the_previous_table_until_fixed() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("routing.yaml");
-    std::fs::write(&path, doc("r1", 10))?;
-    let (m, registry) = metrics();
-    let source = FileRoutingSource::start(&path, options(&m)).await?;
+    let (_dir, path, source, registry) = watched("routing.yaml").await?;
     let mut changes = source.subscribe();
     changes.borrow_and_update();
 
@@ -445,11 +443,7 @@ async fn a_bad_edit_keeps_the_previous_table_until_fixed() -> Result<()> {
 
 #[tokio::test]
 async fn a_file_restored_to_the_serving_table_is_not_a_new_load() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("routing.yaml");
-    std::fs::write(&path, doc("r1", 10))?;
-    let (m, registry) = metrics();
-    let source = FileRoutingSource::start(&path, options(&m)).await?;
+    let (_dir, path, source, registry) = watched("routing.yaml").await?;
     let mut changes = source.subscribe();
     changes.borrow_and_update();
 
