@@ -422,12 +422,14 @@ impl TopK {
     }
 }
 
+/// A small serving model for unit tests across the crate.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::*;
     use crate::artifacts::{DataInfo, Dtype, Manifest};
     use ndarray::array;
 
+    /// A manifest of model `als` version `v1` with the given training parameters.
     fn manifest(params: serde_json::Value) -> Manifest {
         Manifest {
             format_version: 1,
@@ -445,7 +447,8 @@ mod tests {
         }
     }
 
-    fn model() -> ServingModel {
+    /// Seven products on two factors, trained users `a` and `b`.
+    pub(crate) fn model() -> ServingModel {
         // Items 0..3 point along axis 0, items 3..6 along axis 1; item 6 is in between.
         let item_factors = array![
             [1.0, 0.0],
@@ -472,6 +475,12 @@ mod tests {
         )
         .expect("serving model")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::model;
+    use super::*;
 
     #[test]
     fn top_k_is_the_exact_ranking_minus_exclusions() {

@@ -6,54 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use clap::{CommandFactory as _, Parser};
-use ndarray::array;
 
 use super::*;
-use crate::artifacts::{DataInfo, Dtype, LoadedModel, Manifest};
-use crate::cf::als::AlsModel;
-use crate::cf::interactions::{Event, EventType, IdMap};
+use crate::cf::interactions::{Event, EventType};
+use crate::cf::serving::fixtures::model;
 use crate::serving::users::{InProcessUserHistory, InProcessUserStateCache, Lookup};
-
-fn model() -> ServingModel {
-    // Items 0..3 along axis 0, items 3..6 along axis 1, item 6 in between.
-    let item_factors = array![
-        [1.0, 0.0],
-        [0.9, 0.1],
-        [0.8, 0.0],
-        [0.0, 1.0],
-        [0.1, 0.9],
-        [0.0, 0.8],
-        [0.5, 0.5]
-    ];
-    let user_factors = array![[1.0, 0.0], [0.0, 1.0]];
-    ServingModel::new(
-        "als",
-        LoadedModel {
-            model: AlsModel {
-                user_factors,
-                item_factors,
-                regularization: 0.1,
-            },
-            users: IdMap::from_ids(vec!["a".into(), "b".into()]),
-            items: IdMap::from_ids((0..7).map(|i| format!("p{i}")).collect()),
-            manifest: Manifest {
-                format_version: 1,
-                model: "als".into(),
-                version: "v1".into(),
-                created_at: chrono::Utc::now(),
-                trainer_version: "test".into(),
-                git_sha: None,
-                dtype: Dtype::F32,
-                regularization: 0.1,
-                files: vec![],
-                params: serde_json::json!({"alpha": 10.0}),
-                metrics: serde_json::Value::Null,
-                data: DataInfo::default(),
-            },
-        },
-    )
-    .expect("serving model")
-}
 
 fn inter(item: &str, kind: EventType) -> Interaction {
     Interaction {
