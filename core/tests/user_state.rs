@@ -48,41 +48,15 @@ async fn redis_conn() -> anyhow::Result<redis::aio::ConnectionManager> {
     Ok(stores::redis(&RedisArgs { url }).await?)
 }
 
-/// A unique key prefix for one test run (at most 64 characters).
 fn unique_prefix(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    let tag: String = tag.replace('_', "-").chars().take(32).collect();
-    format!(
-        "rt-users-{tag}-{:x}-{:x}",
-        std::process::id(),
-        nanos & 0xffff_ffff
-    )
+    recsys_tests::unique_redis_prefix("users", tag)
 }
 
 async fn keys_under(
     conn: &mut redis::aio::ConnectionManager,
     prefix: &str,
 ) -> anyhow::Result<Vec<String>> {
-    let mut cursor = 0u64;
-    let mut all = Vec::new();
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        all.extend(keys);
-        if next == 0 {
-            return Ok(all);
-        }
-        cursor = next;
-    }
+    recsys_tests::redis_keys_under(conn, prefix).await
 }
 
 /// Which cache a suite runs against; it makes caches with the options a test needs.

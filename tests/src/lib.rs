@@ -414,3 +414,42 @@ impl Drop for OwnRedis {
         let _ = self.kill();
     }
 }
+
+/// A Redis key prefix unique to one test run, `rt-<area>-<tag>-<pid>-<time>` (at most 64
+/// characters, the stores' limit), so tests sharing the environment's Redis never meet.
+pub fn unique_redis_prefix(area: &str, tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let tag: String = tag.replace('_', "-").chars().take(32).collect();
+    format!(
+        "rt-{area}-{tag}-{:x}-{:x}",
+        std::process::id(),
+        nanos & 0xffff_ffff
+    )
+}
+
+/// Every Redis key under `prefix` (`{prefix}:*`), by `SCAN`.
+pub async fn redis_keys_under<T: redis::FromRedisValue>(
+    conn: &mut redis::aio::ConnectionManager,
+    prefix: &str,
+) -> anyhow::Result<Vec<T>> {
+    let mut cursor = 0u64;
+    let mut all = Vec::new();
+    loop {
+        let (next, keys): (u64, Vec<T>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        all.extend(keys);
+        if next == 0 {
+            return Ok(all);
+        }
+        cursor = next;
+    }
+}
