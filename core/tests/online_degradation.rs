@@ -15,7 +15,7 @@ use recsys_core::features::online::{
     OnlineStore, ReaderOptions, RedisOnlineStore, RedisOnlineStoreOptions, StoreOutcome, now_ms,
 };
 use recsys_core::features::{EntityKey, FeatureRef, FeatureValue, Freshness, StoredValue};
-use recsys_tests::wait_for;
+use recsys_tests::{metric, wait_for};
 
 use recsys_tests::OwnRedis;
 
@@ -156,14 +156,6 @@ async fn reads_during_outage(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(seen)
-}
-
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

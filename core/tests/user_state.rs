@@ -30,7 +30,7 @@ use recsys_core::serving::users::{
     UserStatesOptions, build_state, decode,
 };
 use recsys_core::stores::{self, RedisArgs};
-use recsys_tests::{TestEnv, wait_for};
+use recsys_tests::{TestEnv, metric, wait_for};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -882,14 +882,6 @@ fn encode(registry: &prometheus_client::registry::Registry) -> anyhow::Result<St
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry)?;
     Ok(text)
-}
-
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Users of the degradation test: trained `t0…t9` and new `n0…n29`, each with interactions.
