@@ -13,7 +13,7 @@ use recsys_core::artifacts::{
 };
 use recsys_core::cf::als::AlsModel;
 use recsys_core::cf::interactions::IdMap;
-use recsys_core::stores::{self, ChecksumMode, S3Args};
+use recsys_core::stores::{self, ChecksumMode};
 use recsys_tests::TestEnv;
 use serde_json::json;
 
@@ -29,15 +29,7 @@ fn local_store() -> anyhow::Result<(Arc<dyn ArtifactStore>, tempfile::TempDir)> 
 /// A store under a key prefix of its own in the test environment's bucket.
 async fn s3_store(tag: &str, checksums: ChecksumMode) -> anyhow::Result<Arc<dyn ArtifactStore>> {
     let env = TestEnv::load()?;
-    let client = stores::s3(&S3Args {
-        endpoint: Some(env.var("RECSYS_TEST_S3_ENDPOINT")?.to_owned()),
-        region: env.var("RECSYS_TEST_S3_REGION")?.to_owned(),
-        force_path_style: true,
-        checksums,
-        access_key_id: Some(env.var("AWS_ACCESS_KEY_ID")?.to_owned()),
-        secret_access_key: Some(env.var("AWS_SECRET_ACCESS_KEY")?.to_owned()),
-    })
-    .await?;
+    let client = stores::s3(&env.s3_args(checksums)?).await?;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos();

@@ -77,6 +77,21 @@ impl TestEnv {
             .with_context(|| format!("{name} is not set by the test environment (tests/env/up.sh)"))
     }
 
+    /// The S3 options of the environment's server (path-style, its credentials).
+    pub fn s3_args(
+        &self,
+        checksums: recsys_core::stores::ChecksumMode,
+    ) -> anyhow::Result<recsys_core::stores::S3Args> {
+        Ok(recsys_core::stores::S3Args {
+            endpoint: Some(self.var("RECSYS_TEST_S3_ENDPOINT")?.to_owned()),
+            region: self.var("RECSYS_TEST_S3_REGION")?.to_owned(),
+            force_path_style: true,
+            checksums,
+            access_key_id: Some(self.var("AWS_ACCESS_KEY_ID")?.to_owned()),
+            secret_access_key: Some(self.var("AWS_SECRET_ACCESS_KEY")?.to_owned()),
+        })
+    }
+
     /// Creates an empty Postgres database `t_<prefix>_<random>` and returns its URL: for tests
     /// whose jobs read whole tables (the events table), which other tests also write.
     /// Databases are left behind (the environment is disposable); they are small.

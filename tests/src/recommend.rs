@@ -17,7 +17,7 @@ use recsys_core::cf::synth::{self, SynthParams, Synthetic};
 use recsys_core::events::{self, EventRow, PostgresEvents};
 use recsys_core::features::FeatureRef;
 use recsys_core::features::rankings::{Rankings, write_rankings};
-use recsys_core::stores::{self, ChecksumMode, PostgresArgs, S3Args};
+use recsys_core::stores::{self, ChecksumMode, PostgresArgs};
 use serde_json::{Value, json};
 use sprs::CsMat;
 
@@ -88,14 +88,7 @@ impl Fixture {
             .as_nanos();
         let tag = format!("{:x}{nanos:x}", std::process::id());
         let prefix = format!("{name}/{tag}");
-        let s3 = S3Args {
-            endpoint: Some(env.var("RECSYS_TEST_S3_ENDPOINT")?.to_owned()),
-            region: env.var("RECSYS_TEST_S3_REGION")?.to_owned(),
-            force_path_style: true,
-            checksums: ChecksumMode::WhenSupported,
-            access_key_id: Some(env.var("AWS_ACCESS_KEY_ID")?.to_owned()),
-            secret_access_key: Some(env.var("AWS_SECRET_ACCESS_KEY")?.to_owned()),
-        };
+        let s3 = env.s3_args(ChecksumMode::WhenSupported)?;
         let bucket = env.var("RECSYS_TEST_S3_BUCKET")?.to_owned();
         let store = Arc::new(S3Store::new(stores::s3(&s3).await?, &bucket, &prefix));
         let registry = Registry::new(store.clone());

@@ -2,7 +2,7 @@
 //! aws-sdk-s3 → the S3 server (path-style, both checksum modes).
 
 use aws_sdk_s3::primitives::ByteStream;
-use recsys_core::stores::{self, ChecksumMode, PostgresArgs, RedisArgs, S3Args};
+use recsys_core::stores::{self, ChecksumMode, PostgresArgs, RedisArgs};
 use recsys_tests::TestEnv;
 
 fn unique(prefix: &str) -> String {
@@ -101,15 +101,7 @@ async fn s3_round_trip_path_style_both_checksum_modes() -> anyhow::Result<()> {
     let env = TestEnv::load()?;
     let bucket = env.var("RECSYS_TEST_S3_BUCKET")?.to_owned();
     for checksums in [ChecksumMode::WhenSupported, ChecksumMode::WhenRequired] {
-        let client = stores::s3(&S3Args {
-            endpoint: Some(env.var("RECSYS_TEST_S3_ENDPOINT")?.to_owned()),
-            region: env.var("RECSYS_TEST_S3_REGION")?.to_owned(),
-            force_path_style: true,
-            checksums,
-            access_key_id: Some(env.var("AWS_ACCESS_KEY_ID")?.to_owned()),
-            secret_access_key: Some(env.var("AWS_SECRET_ACCESS_KEY")?.to_owned()),
-        })
-        .await?;
+        let client = stores::s3(&env.s3_args(checksums)?).await?;
         let prefix = unique("seam-check");
         // 3 MiB: large enough that the SDK streams it with a trailing checksum when asked to.
         let body: Vec<u8> = (0..3 * 1024 * 1024).map(|i: u32| (i % 251) as u8).collect();

@@ -920,18 +920,8 @@ async fn a_failing_artifact_store_fails_the_job_after_the_values_are_written() {
 
 /// S3 options of the test environment's server.
 fn s3_args(env: &TestEnv) -> S3Args {
-    S3Args {
-        endpoint: Some(
-            env.var("RECSYS_TEST_S3_ENDPOINT")
-                .expect("endpoint")
-                .to_owned(),
-        ),
-        region: env.var("RECSYS_TEST_S3_REGION").expect("region").to_owned(),
-        force_path_style: true,
-        checksums: ChecksumMode::WhenSupported,
-        access_key_id: Some(env.var("AWS_ACCESS_KEY_ID").expect("key id").to_owned()),
-        secret_access_key: Some(env.var("AWS_SECRET_ACCESS_KEY").expect("secret").to_owned()),
-    }
+    env.s3_args(ChecksumMode::WhenSupported)
+        .expect("S3 options of the test environment")
 }
 
 #[tokio::test]
