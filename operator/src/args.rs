@@ -1,8 +1,10 @@
 //! Command-line options; every one is also an environment variable.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use clap::Parser;
+use k8s_openapi::api::core::v1::Toleration;
 use recsys_core::telemetry::TelemetryArgs;
 
 /// Options of `recsys-operator`.
@@ -77,6 +79,15 @@ pub struct Args {
     #[arg(long, env = "RECSYS_TRAINER_SECRET", default_value = "recsys-secrets")]
     pub trainer_secret: Option<String>,
 
+    /// Node selector of trainer pods, as `key=value[,key=value…]`.
+    #[arg(long, env = "RECSYS_TRAINER_NODE_SELECTOR", value_parser = parse_node_selector, default_value = "")]
+    pub trainer_node_selector: NodeSelector,
+
+    /// Tolerations of trainer pods, as a JSON list of Kubernetes tolerations, for example
+    /// `[{"key":"batch","operator":"Exists","effect":"NoSchedule"}]`.
+    #[arg(long, env = "RECSYS_TRAINER_TOLERATIONS", value_parser = parse_tolerations, default_value = "[]")]
+    pub trainer_tolerations: Tolerations,
+
     /// Postgres URL of the feature registry, for example `postgres://recsys@db:5432/recsys`.
     /// Every valid FeatureDefinition version is recorded there, and its status reports the
     /// registration and freshness. Without it definitions are validated only. The operator
@@ -103,6 +114,40 @@ pub struct Args {
         value_parser = parse_interval
     )]
     pub registry_refresh_interval: std::time::Duration,
+}
+
+/// Labels a pod must be scheduled by.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSelector(pub BTreeMap<String, String>);
+
+/// Tolerations of a pod.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tolerations(pub Vec<Toleration>);
+
+/// Reads `key=value[,key=value…]` (empty: no selector).
+fn parse_node_selector(s: &str) -> Result<NodeSelector, String> {
+    let mut map = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+        if k.is_empty() {
+            return Err(format!("{pair:?} has an empty key"));
+        }
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(NodeSelector(map))
+}
+
+/// Reads a JSON list of tolerations.
+fn parse_tolerations(s: &str) -> Result<Tolerations, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(Tolerations::default());
+    }
+    serde_json::from_str(s)
+        .map(Tolerations)
+        .map_err(|e| format!("not a JSON list of tolerations: {e}"))
 }
 
 /// Reads a duration such as `30s` or `5m` (the CRDs' format), at least one second.
@@ -143,6 +188,39 @@ mod tests {
         assert!(a.leader_elect);
         assert_eq!(a.metrics_bind_address.port(), 9090);
         assert_eq!(a.registry_refresh_interval.as_secs(), 300);
+    }
+
+    #[test]
+    fn trainer_placement_parses_and_bad_values_say_why() {
+        let a = Args::try_parse_from([
+            "recsys-operator",
+            "--trainer-node-selector=pool=batch, disk=ssd",
+            r#"--trainer-tolerations=[{"key":"batch","operator":"Exists","effect":"NoSchedule"}]"#,
+        ])
+        .expect("parse");
+        assert_eq!(
+            a.trainer_node_selector.0,
+            BTreeMap::from([
+                ("disk".into(), "ssd".into()),
+                ("pool".into(), "batch".into())
+            ])
+        );
+        assert_eq!(a.trainer_tolerations.0.len(), 1);
+        assert_eq!(a.trainer_tolerations.0[0].key.as_deref(), Some("batch"));
+        let d = Args::try_parse_from(["recsys-operator"]).expect("defaults");
+        assert!(d.trainer_node_selector.0.is_empty() && d.trainer_tolerations.0.is_empty());
+        for (arg, why) in [
+            ("--trainer-node-selector=pool", "is not key=value"),
+            (
+                "--trainer-tolerations={\"key\":1}",
+                "not a JSON list of tolerations",
+            ),
+        ] {
+            let err = Args::try_parse_from(["recsys-operator", arg])
+                .expect_err("must refuse")
+                .to_string();
+            assert!(err.contains(why), "{arg}: {err}");
+        }
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         trainer_service_account,
         trainer_config_map,
         trainer_secret,
+        trainer_node_selector,
+        trainer_tolerations,
         database_url,
         database_max_connections,
         registry_refresh_interval,
@@ -47,6 +49,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         service_account: trainer_service_account,
         config_map: trainer_config_map,
         secret: trainer_secret,
+        node_selector: trainer_node_selector.0,
+        tolerations: trainer_tolerations.0,
     };
 
     let client = Client::try_default().await?;

@@ -29,10 +29,20 @@ fi
 exec 9>"$TESTENV_DIR/.lock"
 flock -w 60 9 || die "another up.sh/down.sh holds $TESTENV_DIR/.lock"
 
+IS_ROOT=false
+[[ "$(id -u)" == 0 ]] && IS_ROOT=true
+# shellcheck source=node.sh
+source "$SCRIPT_DIR/node.sh"
+
 if [[ -d "$PIDS_DIR" ]]; then
 	for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
 		svc="${SERVICES[i]}"
 		case "$svc" in
+		containerd)
+			node_stop_containers
+			svc_stop containerd TERM 15
+			node_release
+			;;
 		postgres) svc_stop postgres INT 30 ;; # fast shutdown via the postmaster
 		seaweedfs)
 			svc_stop seaweedfs TERM 15
@@ -45,6 +55,7 @@ if [[ -d "$PIDS_DIR" ]]; then
 fi
 
 if $purge; then
+	$IS_ROOT && node_purge_host
 	pg_dir="$TESTENV_DIR/postgres"
 	if [[ -L "$pg_dir" ]]; then
 		target="$(readlink "$pg_dir")"

@@ -9,6 +9,11 @@ K8S_VERSION="$(awk '$1 == "k8s.io/kubernetes" { print $2; exit }' "$SCRIPT_DIR/c
 KWOK_VERSION="${RECSYS_TESTENV_KWOK_VERSION:-v0.8.0}"
 HELM_VERSION="${RECSYS_TESTENV_HELM_VERSION:-v3.22.0}"
 SEAWEEDFS_VERSION="${RECSYS_TESTENV_SEAWEEDFS_VERSION:-4.48}"
+# CoreDNS comes from coredns/go.mod (a module of its own, so its dependencies never move the
+# control plane's).
+COREDNS_VERSION="$(awk '$1 == "github.com/coredns/coredns" { print $2; exit } $2 == "github.com/coredns/coredns" { print $3; exit }' "$SCRIPT_DIR/coredns/go.mod")"
+# The sandbox image the real node's containerd uses, compiled from k/k's build/pause/linux/pause.c.
+PAUSE_VERSION=3.10
 BOTO3_VERSION="${RECSYS_TESTENV_BOTO3_VERSION:-1.44.8}"
 
 # ---- locations ---------------------------------------------------------------
@@ -43,10 +48,37 @@ S3_BUCKET="${RECSYS_TESTENV_S3_BUCKET:-recsys-test}"
 S3_REGION=us-east-1
 KWOK_NODE="${RECSYS_TESTENV_KWOK_NODE:-kwok-node-0}"
 
-# start order; down.sh stops in reverse
-SERVICES=(postgres redis seaweedfs etcd apiserver controller-manager scheduler kwok)
+# ---- the real node (node.sh) ----------------------------------------------------
+# RECSYS_TESTENV_REAL_NODE=0 starts the environment without it (it needs root).
+REAL_NODE_ENABLED="${RECSYS_TESTENV_REAL_NODE:-1}"
+REAL_NODE="${RECSYS_TESTENV_REAL_NODE_NAME:-recsys-node-0}"
+# Label and NoSchedule taint of the real node: only Pods that ask for it land there.
+REAL_NODE_LABEL=recsys.io/real-node
+REAL_NODE_TAINT_KEY=recsys.io/real-node
+NODE_BRIDGE="${RECSYS_TESTENV_NODE_BRIDGE:-recsys0}"
+# Pods get $NODE_SUBNET.10-254; the bridge (the node's address) is $NODE_SUBNET.1.
+NODE_SUBNET="${RECSYS_TESTENV_NODE_SUBNET:-10.213.0}"
+NODE_GATEWAY="$NODE_SUBNET.1"
+SERVICE_CIDR=10.0.0.0/24
+CLUSTER_DNS_IP=10.0.0.10
+KWOK_POD_CIDR=10.244.0.0/16
+# Namespace of the Services that lead Pods to the host's servers.
+TESTENV_NS=recsys-testenv
+PAUSE_IMAGE="recsys.local/pause:$PAUSE_VERSION"
+CNI_BIN_DIR="${RECSYS_TESTENV_CNI_BIN_DIR:-/usr/lib/cni}"
+NODE_APT_PACKAGES="containerd runc containernetworking-plugins iptables conntrack socat busybox-static"
+KUBELET_PORT="${RECSYS_TESTENV_KUBELET_PORT:-10250}" # on $NODE_GATEWAY
+KUBELET_HEALTHZ_PORT="${RECSYS_TESTENV_KUBELET_HEALTHZ_PORT:-58390}"
+KUBE_PROXY_HEALTHZ_PORT="${RECSYS_TESTENV_KUBE_PROXY_HEALTHZ_PORT:-58391}"
+KUBE_PROXY_METRICS_PORT="${RECSYS_TESTENV_KUBE_PROXY_METRICS_PORT:-58392}"
+COREDNS_HEALTH_PORT="${RECSYS_TESTENV_COREDNS_HEALTH_PORT:-58393}"
+COREDNS_READY_PORT="${RECSYS_TESTENV_COREDNS_READY_PORT:-58394}"
 
-# Ports a service listens on (all on 127.0.0.1).
+# start order; down.sh stops in reverse
+SERVICES=(postgres redis seaweedfs etcd apiserver controller-manager scheduler kwok
+	fwd-apiserver fwd-postgres fwd-redis fwd-s3 containerd coredns kubelet kube-proxy)
+
+# Ports a service listens on 127.0.0.1.
 svc_ports() {
 	case "$1" in
 	postgres) echo "$PG_PORT" ;;
@@ -57,6 +89,10 @@ svc_ports() {
 	controller-manager) echo "$KCM_PORT" ;;
 	scheduler) echo "$SCHEDULER_PORT" ;;
 	kwok) echo "$KWOK_PORT" ;;
+	kubelet) echo "$KUBELET_HEALTHZ_PORT" ;;
+	kube-proxy) echo "$KUBE_PROXY_HEALTHZ_PORT $KUBE_PROXY_METRICS_PORT" ;;
+	coredns) echo "$COREDNS_HEALTH_PORT $COREDNS_READY_PORT" ;;
+	# fwd-*: on $NODE_GATEWAY, relaying to the 127.0.0.1 ports above; containerd: a unix socket
 	esac
 }
 

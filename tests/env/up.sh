@@ -38,6 +38,15 @@ ensure_apt_packages() {
 	command -v psql >/dev/null || missing+=(postgresql-client)
 	command -v redis-server >/dev/null || missing+=(redis-server)
 	command -v redis-cli >/dev/null || missing+=(redis-tools)
+	if [[ "$REAL_NODE_ENABLED" == 1 ]]; then
+		command -v containerd >/dev/null || missing+=(containerd)
+		command -v runc >/dev/null || missing+=(runc)
+		[[ -x "$CNI_BIN_DIR/bridge" ]] || missing+=(containernetworking-plugins)
+		command -v iptables >/dev/null || missing+=(iptables)
+		command -v conntrack >/dev/null || missing+=(conntrack)
+		command -v socat >/dev/null || missing+=(socat)
+		[[ -x /bin/busybox ]] || missing+=(busybox-static)
+	fi
 	((${#missing[@]} == 0)) && return 0
 	$IS_ROOT || die "missing Debian packages: ${missing[*]} (install them: sudo apt-get install -y ${missing[*]})"
 	log "installing Debian packages: ${missing[*]}"
@@ -80,6 +89,8 @@ KWOK_DIR="$TESTENV_CACHE/kwok-$KWOK_VERSION"
 KWOK_BIN="$KWOK_DIR/bin/kwok"
 HELM_DIR="$TESTENV_CACHE/helm-$HELM_VERSION"
 HELM_BIN="$HELM_DIR/bin/helm"
+COREDNS_HASH="$(cat "$SCRIPT_DIR/coredns/go.mod" "$SCRIPT_DIR/coredns/go.sum" "$SCRIPT_DIR/coredns/main.go" | sha256sum | cut -c1-12)"
+COREDNS_DIR="$TESTENV_CACHE/coredns-$COREDNS_VERSION-$COREDNS_HASH"
 SW_DIR="$TESTENV_CACHE/seaweedfs-$SEAWEEDFS_VERSION-boto3-$BOTO3_VERSION"
 WEED_BIN="$SW_DIR/bin/weed"
 SW_PY="$SW_DIR/bin/python"
@@ -91,7 +102,7 @@ build_controlplane() {
 	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
 		ld+=" -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$K8S_MINOR -X $pkg.gitTreeState=clean"
 	done
-	log "building control plane $v (k8s apiserver/controller-manager/scheduler/kubectl/etcd) into $CP_DIR (about 5 min on 2 cores with a cold Go build cache)"
+	log "building control plane $v (k8s apiserver/controller-manager/scheduler/kubectl/etcd/kubelet/proxy) into $CP_DIR (about 7 min on 2 cores with a cold Go build cache)"
 	rm -rf "$CP_DIR" && mkdir -p "$CP_DIR/bin"
 	(cd "$SCRIPT_DIR/controlplane" &&
 		CGO_ENABLED=0 GOTOOLCHAIN=local GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" \
@@ -149,6 +160,22 @@ build_helm() {
 	log "helm built in $((SECONDS - t0))s"
 }
 
+build_coredns() {
+	[[ -f "$COREDNS_DIR/.complete" && -x "$COREDNS_DIR/bin/coredns" ]] && return 0
+	need_go coredns
+	local t0=$SECONDS
+	log "building coredns $COREDNS_VERSION (the plugins the test cluster uses) into $COREDNS_DIR"
+	rm -rf "$COREDNS_DIR" && mkdir -p "$COREDNS_DIR/bin"
+	(cd "$SCRIPT_DIR/coredns" &&
+		CGO_ENABLED=0 GOTOOLCHAIN=local GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" \
+			go build -trimpath -ldflags "-s -w" -o "$COREDNS_DIR/bin/coredns.tmp" .) ||
+		die "coredns build failed (cd tests/env/coredns && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build .)"
+	mv "$COREDNS_DIR/bin/coredns.tmp" "$COREDNS_DIR/bin/coredns"
+	echo "$((SECONDS - t0))" >"$COREDNS_DIR/build-seconds"
+	touch "$COREDNS_DIR/.complete"
+	log "coredns built in $((SECONDS - t0))s"
+}
+
 install_seaweedfs() {
 	if [[ -f "$SW_DIR/.complete" && -x "$WEED_BIN" ]] && "$SW_PY" -c 'import boto3' 2>/dev/null; then
 		return 0
@@ -168,6 +195,7 @@ flock 8
 build_controlplane
 build_kwok
 build_helm
+[[ "$REAL_NODE_ENABLED" == 1 ]] && build_coredns
 install_seaweedfs
 flock -u 8
 
@@ -362,7 +390,7 @@ EOF
 			[[ -s "$ca.crt" && -s "$ca.key" ]] && continue
 			log "pki: generating $ca"
 			if [[ "$ca" == ca ]]; then # new cluster CA: everything it signed is invalid now
-				rm -f apiserver.* admin.* ../kubeconfig
+				rm -f apiserver.* admin.* kubelet.* kube-proxy.* ../kubeconfig
 			else
 				rm -f front-proxy-client.*
 			fi
@@ -373,6 +401,9 @@ EOF
 		issue apiserver ca v3_server "/CN=kube-apiserver"
 		issue admin ca v3_client "/O=system:masters/CN=recsys-admin"
 		issue front-proxy-client front-proxy-ca v3_client "/CN=front-proxy-client"
+		# The real node's agents, as the Node authorizer and the default RBAC bindings expect.
+		issue kubelet ca v3_client "/O=system:nodes/CN=system:node:$REAL_NODE"
+		issue kube-proxy ca v3_client "/CN=system:kube-proxy"
 		if [[ ! -s sa.key || ! -s sa.pub ]]; then
 			log "pki: generating service-account key pair"
 			openssl genrsa -out sa.key 2048
@@ -390,7 +421,7 @@ EOF
 gen_pki
 if $PKI_CHANGED; then
 	# running components may hold certificates that no longer match
-	for s in kwok scheduler controller-manager apiserver; do svc_stop "$s"; done
+	for s in kube-proxy kubelet coredns kwok scheduler controller-manager apiserver; do svc_stop "$s"; done
 fi
 
 KUBECONFIG_FILE="$TESTENV_DIR/kubeconfig"
@@ -559,6 +590,9 @@ apiserver_cmd() {
 		--service-cluster-ip-range=10.0.0.0/24
 		--authorization-mode=Node,RBAC --allow-privileged=true
 		--endpoint-reconciler-type=none
+		# Logs and exec reach nodes at their InternalIP: never resolve node names through the
+		# host's resolver (the real node's name exists in no DNS).
+		--kubelet-preferred-address-types=InternalIP
 		--profiling=false)
 }
 apiserver_pre() { mkdir -p "$TESTENV_DIR/apiserver"; }
@@ -653,7 +687,25 @@ for ns in $("$KUBECTL" --kubeconfig "$KUBECONFIG_FILE" get namespaces -l recsys.
 done
 
 # =============================================================================
-# 9. env file + summary
+# 9. The real node: kubelet, containerd, CNI, kube-proxy, CoreDNS (node.sh)
+# =============================================================================
+NODE_ENV=""
+if [[ "$REAL_NODE_ENABLED" == 1 ]]; then
+	# shellcheck source=node.sh
+	source "$SCRIPT_DIR/node.sh"
+	start_real_node
+	NODE_ENV="export RECSYS_TEST_REAL_NODE=$REAL_NODE
+export RECSYS_TEST_REAL_NODE_LABEL=$REAL_NODE_LABEL
+export RECSYS_TEST_REAL_NODE_TAINT=$REAL_NODE_TAINT_KEY
+export RECSYS_TEST_CONTAINERD_ADDRESS=$CONTAINERD_SOCK
+export RECSYS_TEST_TOOLBOX_IMAGE=$TOOLBOX_IMAGE
+export RECSYS_TEST_CLUSTER_DATABASE_URL=postgres://$PG_USER:$PG_PASSWORD@postgres.$TESTENV_NS.svc.cluster.local:$PG_PORT/$PG_DB
+export RECSYS_TEST_CLUSTER_REDIS_URL=redis://redis.$TESTENV_NS.svc.cluster.local:$REDIS_PORT/
+export RECSYS_TEST_CLUSTER_S3_ENDPOINT=http://s3.$TESTENV_NS.svc.cluster.local:$S3_PORT"
+fi
+
+# =============================================================================
+# 10. env file + summary
 # =============================================================================
 cat >"$TESTENV_DIR/env.tmp" <<EOF
 # Generated by tests/env/up.sh -- source this file.
@@ -670,7 +722,8 @@ export AWS_ACCESS_KEY_ID=$S3_ACCESS_KEY
 export AWS_SECRET_ACCESS_KEY=$S3_SECRET_KEY
 export AWS_REGION=$S3_REGION
 export PATH=$BIN_DIR:\$PATH
+$NODE_ENV
 EOF
 mv "$TESTENV_DIR/env.tmp" "$TESTENV_DIR/env"
 
-log "up in ${SECONDS}s: k8s $K8S_VERSION https://127.0.0.1:$APISERVER_PORT (node $KWOK_NODE) | postgres 127.0.0.1:$PG_PORT | redis 127.0.0.1:$REDIS_PORT | s3 http://127.0.0.1:$S3_PORT bucket $S3_BUCKET | source $TESTENV_DIR/env"
+log "up in ${SECONDS}s: k8s $K8S_VERSION https://127.0.0.1:$APISERVER_PORT (nodes $KWOK_NODE${NODE_ENV:+, $REAL_NODE}) | postgres 127.0.0.1:$PG_PORT | redis 127.0.0.1:$REDIS_PORT | s3 http://127.0.0.1:$S3_PORT bucket $S3_BUCKET | source $TESTENV_DIR/env"

@@ -16,6 +16,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, Config};
 use tokio::sync::OnceCell;
 
+pub mod real_node;
 pub mod recommend;
 pub mod venv;
 
@@ -41,7 +42,13 @@ impl TestEnv {
             .unwrap_or_else(|_| repo_root().join("target/testenv"));
         let file = dir.join("env");
         let mut vars = BTreeMap::new();
-        if let Ok(text) = std::fs::read_to_string(&file) {
+        // `env` from up.sh; `images.env` from images.sh (the images built for the real node).
+        let text = ["env", "images.env"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if !text.is_empty() {
             for line in text.lines() {
                 let Some(rest) = line.trim().strip_prefix("export ") else {
                     continue;

@@ -6,19 +6,8 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
+use recsys_tests::real_node::run;
 use recsys_tests::{TestEnv, TestNamespace, install_crds, repo_root, wait_for};
-
-fn run(cmd: &mut std::process::Command) -> anyhow::Result<String> {
-    let out = cmd.output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    anyhow::ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
-}
 
 #[tokio::test]
 async fn chart_lints_renders_applies_and_runs() -> anyhow::Result<()> {

@@ -16,7 +16,7 @@ use k8s_openapi::api::batch::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, EnvFromSource, EnvVar, PodSecurityContext,
-    PodSpec, PodTemplateSpec, SeccompProfile, SecretEnvSource, SecurityContext,
+    PodSpec, PodTemplateSpec, SeccompProfile, SecretEnvSource, SecurityContext, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -55,6 +55,10 @@ pub struct TrainerSettings {
     pub config_map: Option<String>,
     /// Secret whose keys become the trainer's environment (optional to exist).
     pub secret: Option<String>,
+    /// Node selector of trainer pods (for example a node pool for batch work).
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of trainer pods.
+    pub tolerations: Vec<Toleration>,
 }
 
 /// Checks of the spec alone, beyond the schema and CEL rules.
@@ -203,10 +207,9 @@ pub fn trainer_args(bj: &BatchJob) -> Vec<String> {
         args.push(format!("--to={}", b.to.0));
     }
     if let Some(cf) = &bj.spec.cf_train {
-        args.push(format!("--model={}", cf.model));
-        if let Some(md) = &cf.hand_off_to {
-            args.push(format!("--hand-off-to={md}"));
-        }
+        // `handOffTo` is the operator's business (it reads what the run published); the
+        // trainer only needs the model's name.
+        args.push(format!("--model-name={}", cf.model));
     }
     args
 }
@@ -302,6 +305,7 @@ pub fn job_spec(bj: &BatchJob, settings: &TrainerSettings) -> JobSpec {
                 security_context: Some(PodSecurityContext {
                     run_as_non_root: Some(true),
                     run_as_user: Some(65532),
+                    run_as_group: Some(65532),
                     seccomp_profile: Some(SeccompProfile {
                         type_: "RuntimeDefault".into(),
                         ..Default::default()
@@ -309,6 +313,10 @@ pub fn job_spec(bj: &BatchJob, settings: &TrainerSettings) -> JobSpec {
                     ..Default::default()
                 }),
                 containers: vec![container],
+                node_selector: (!settings.node_selector.is_empty())
+                    .then(|| settings.node_selector.clone()),
+                tolerations: (!settings.tolerations.is_empty())
+                    .then(|| settings.tolerations.clone()),
                 ..Default::default()
             }),
         },
@@ -551,6 +559,13 @@ mod tests {
             service_account: Some("recsys-trainer".into()),
             config_map: Some("recsys-config".into()),
             secret: None,
+            node_selector: BTreeMap::from([("pool".into(), "batch".into())]),
+            tolerations: vec![Toleration {
+                key: Some("batch".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }],
         }
     }
 
@@ -596,6 +611,8 @@ spec:
         );
         let pod = job.template.spec.expect("pod");
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(pod.node_selector, Some(settings().node_selector));
+        assert_eq!(pod.tolerations, Some(settings().tolerations));
         let c = &pod.containers[0];
         assert_eq!(
             c.args.as_deref().expect("args"),
@@ -722,6 +739,27 @@ spec:
         );
         assert_eq!(status.observed_generation, Some(2));
         assert_eq!(runs_from_jobs(&jobs, 1).len(), 1);
+    }
+
+    /// `cfTrain.model` reaches the trainer as the model's name in the registry.
+    #[test]
+    fn cf_train_names_its_model_in_arguments_the_trainer_accepts() {
+        use clap::Parser as _;
+        let b = bj(
+            "{apiVersion: recsys.io/v1alpha1, kind: BatchJob, metadata: {name: cf}, spec: {job: cf-train, cfTrain: {model: shop-als, handOffTo: shop}, parameters: {factors: '32'}}}",
+        );
+        let args = trainer_args(&b);
+        assert_eq!(args, ["cf-train", "--factors=32", "--model-name=shop-als"]);
+        let cli = recsys_trainer::Cli::try_parse_from(
+            std::iter::once("recsys-trainer".to_owned()).chain(args.clone()),
+        )
+        .unwrap_or_else(|e| panic!("{args:?} refused by the trainer: {e}"));
+        match cli.job {
+            recsys_trainer::Job::CfTrain(a) => {
+                assert_eq!((a.model_name.as_str(), a.model.factors), ("shop-als", 32))
+            }
+            other => panic!("parsed as {}", other.name()),
+        }
     }
 
     /// Every shipped BatchJob example becomes a command line the trainer accepts: the

@@ -6,12 +6,15 @@
 //	k8s scheduler          ... == kube-scheduler
 //	k8s kubectl            ... == kubectl
 //	k8s etcd               ... == etcd (embedded, same version k8s.io/kubernetes requires)
+//	k8s kubelet            ... == kubelet (the real node's agent)
+//	k8s proxy              ... == kube-proxy (Services on the real node, iptables mode)
 //
 // It can also be invoked through a symlink named after the subcommand
 // (kubectl, kube-apiserver, etcd, ...), busybox style.
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -30,7 +33,9 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
 var aliases = map[string]string{
@@ -42,6 +47,9 @@ var aliases = map[string]string{
 	"kube-scheduler":          "scheduler",
 	"kubectl":                 "kubectl",
 	"etcd":                    "etcd",
+	"kubelet":                 "kubelet",
+	"proxy":                   "proxy",
+	"kube-proxy":              "proxy",
 	"version":                 "version",
 }
 
@@ -51,11 +59,13 @@ var progNames = map[string]string{
 	"scheduler":          "kube-scheduler",
 	"kubectl":            "kubectl",
 	"etcd":               "etcd",
+	"kubelet":            "kubelet",
+	"proxy":              "kube-proxy",
 	"version":            "k8s",
 }
 
 func usage() {
-	fmt.Fprintf(os.Stderr, "usage: %s {apiserver|controller-manager|scheduler|kubectl|etcd|version} [flags...]\n", filepath.Base(os.Args[0]))
+	fmt.Fprintf(os.Stderr, "usage: %s {apiserver|controller-manager|scheduler|kubectl|etcd|kubelet|proxy|version} [flags...]\n", filepath.Base(os.Args[0]))
 	os.Exit(2)
 }
 
@@ -89,6 +99,11 @@ func main() {
 		}
 	case "etcd":
 		etcdmain.Main(os.Args)
+	case "kubelet":
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
+	case "proxy":
+		os.Exit(cli.Run(proxy.NewProxyCommand()))
+
 	case "version":
 		fmt.Println(version.Get().GitVersion)
 	}

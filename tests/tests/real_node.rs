@@ -1,0 +1,694 @@
+//! End to end on the real node, as a user would run recsys: `helm install` of the chart with
+//! the images built by `tests/env/images.sh`, the example FeatureDefinitions and BatchJobs
+//! applied, trainer Jobs really running popularity, category-affinity and cf-train against the
+//! test Postgres, Redis and S3 (through Services, as in any cluster), a scorer serving the
+//! model the operator routed, a recommendation fetched through its Service from inside the
+//! cluster, and `helm uninstall` leaving only what the docs say it keeps.
+//!
+//! Also what the kwok node could not show: trainer exit codes driving retries and the "not
+//! retryable" pod failure policy, `kubectl logs`, the security context holding with the real
+//! binaries (checked in the runtime spec containerd ran), and the operator working with its own
+//! ServiceAccount's RBAC.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use recsys_core::cf::interactions::{Event, EventType};
+use recsys_core::events::{self, EventRow, PostgresEvents};
+use recsys_core::stores::{self, PostgresArgs};
+use recsys_tests::real_node::{RealNode, kubectl, run};
+use recsys_tests::{TestEnv, TestNamespace, install_crds, repo_root, wait_for};
+use serde_json::{Value, json};
+
+const MODEL: &str = "als";
+
+/// Four weeks of a small shop up to now: 200 users with one or two favourite categories of
+/// 6, 120 products, views, clicks, carts and purchases.
+fn shop_events() -> Vec<EventRow> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut rows = vec![];
+    for u in 0..200_u64 {
+        let favourites = [u % 6, (u / 6 + 1) % 6];
+        for e in 0..40_u64 {
+            let category = if next(10) < 8 {
+                favourites[(next(2)) as usize]
+            } else {
+                next(6)
+            };
+            let product = category * 20 + next(20);
+            let kind = match next(20) {
+                0 => EventType::Purchase,
+                1 | 2 => EventType::AddToCart,
+                3..=7 => EventType::Click,
+                _ => EventType::View,
+            };
+            rows.push(EventRow {
+                event_id: format!("e{u}-{e}"),
+                event: Event {
+                    user: format!("u{u}"),
+                    item: format!("p{product}"),
+                    kind,
+                    ts_ms: Some(now - (next(28 * 24 * 60) as i64 + 1) * 60_000),
+                    value: None,
+                },
+                category: Some(format!("c{category}")),
+            });
+        }
+    }
+    rows
+}
+
+fn resource(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("recsys.io", "v1alpha1", kind))
+}
+
+/// A manifest of docs/examples moved into `ns`; several documents per file.
+fn examples(path: &str, ns: &str) -> anyhow::Result<Vec<Value>> {
+    let full = repo_root().join(path);
+    let text = std::fs::read_to_string(&full).with_context(|| full.display().to_string())?;
+    let mut out = vec![];
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut v: Value = serde::Deserialize::deserialize(doc)?;
+        if v.is_null() {
+            continue;
+        }
+        v["metadata"]["namespace"] = json!(ns);
+        let subjects = v.get_mut("subjects").and_then(Value::as_array_mut);
+        for subject in subjects.into_iter().flatten() {
+            subject["namespace"] = json!(ns);
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// `kubectl apply --server-side` of objects.
+fn apply(env: &TestEnv, objects: &[Value]) -> anyhow::Result<String> {
+    let file = tempfile::NamedTempFile::new()?;
+    let docs: Vec<String> = objects
+        .iter()
+        .map(serde_yaml::to_string)
+        .collect::<Result<_, _>>()?;
+    std::fs::write(file.path(), docs.join("---\n"))?;
+    kubectl(
+        env,
+        &[
+            "apply",
+            "--server-side",
+            "-f",
+            file.path().to_str().unwrap_or_default(),
+        ],
+    )
+}
+
+/// The runs of a BatchJob's status history: `(outcome, reason, attempts)`.
+async fn runs(api: &Api<DynamicObject>, name: &str) -> anyhow::Result<Vec<(String, String, i64)>> {
+    let bj = api.get(name).await?;
+    Ok(bj.data["status"]["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["outcome"].as_str().unwrap_or_default().to_owned(),
+                r["reason"].as_str().unwrap_or_default().to_owned(),
+                r["attempts"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect())
+}
+
+/// Waits for a finished run of BatchJob `name` and returns it.
+async fn finished_run(
+    api: &Api<DynamicObject>,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<(String, String, i64)> {
+    wait_for(
+        timeout,
+        &format!("a finished run of BatchJob {name}"),
+        || async { Ok(!runs(api, name).await?.is_empty()) },
+    )
+    .await?;
+    Ok(runs(api, name).await?.remove(0))
+}
+
+/// Pods of a Job, or (with `label` `recsys.io/batchjob`) of every Job of a BatchJob.
+fn pods_labelled(pods: &[Pod], label: &str, value: &str) -> Vec<Pod> {
+    pods.iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(label))
+                .is_some_and(|v| v == value)
+        })
+        .cloned()
+        .collect()
+}
+
+fn container_id(pod: &Pod) -> anyhow::Result<String> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.container_id.clone())
+        .with_context(|| format!("pod {:?} has no container id", pod.metadata.name))
+}
+
+/// What containerd really ran: non-root, read-only root, no privilege escalation, no
+/// capabilities; and whether the ServiceAccount token was mounted.
+fn assert_locked_down(node: &RealNode, what: &str, pod: &Pod, token: bool) -> anyhow::Result<()> {
+    let spec = node.runtime_spec(&container_id(pod)?)?;
+    let user = &spec["process"]["user"];
+    assert_eq!(user["uid"], json!(65532), "{what}: runs as {user}");
+    assert_eq!(
+        spec["root"]["readonly"],
+        json!(true),
+        "{what}: root not read-only"
+    );
+    assert_eq!(
+        spec["process"]["noNewPrivileges"],
+        json!(true),
+        "{what}: privilege escalation allowed"
+    );
+    let caps = &spec["process"]["capabilities"]["effective"];
+    assert!(
+        caps.as_array().is_none_or(Vec::is_empty),
+        "{what}: capabilities {caps}"
+    );
+    let has_token = spec["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|m| m["destination"] == json!("/var/run/secrets/kubernetes.io/serviceaccount"));
+    assert_eq!(has_token, token, "{what}: service account token mounted");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_chart_runs_for_real_on_the_real_node() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let env = TestEnv::load()?;
+    let node = RealNode::from_env(&env)?;
+    let client = env.client().await?;
+    install_crds(&client).await?;
+    let ns = TestNamespace::create(&env, &client, "e2e").await?;
+    let result = end_to_end(&env, &node, &client, &ns.name, started).await;
+    if result.is_err() {
+        // What a user would look at first.
+        for args in [
+            vec![
+                "get",
+                "pods,jobs,cronjobs,batchjobs,modeldeployments,featuredefinitions",
+                "-o",
+                "wide",
+            ],
+            vec!["get", "events", "--sort-by=.lastTimestamp"],
+            vec![
+                "logs",
+                "-l",
+                "app.kubernetes.io/name=recsys-operator",
+                "--tail=40",
+            ],
+            vec![
+                "logs",
+                "-l",
+                "app.kubernetes.io/name=recsys-scorer",
+                "--tail=20",
+            ],
+        ] {
+            let mut full = vec!["-n", ns.name.as_str()];
+            full.extend(args.iter().copied());
+            eprintln!(
+                "$ kubectl {}\n{}",
+                full.join(" "),
+                kubectl(&env, &full).unwrap_or_else(|e| e.to_string())
+            );
+        }
+    }
+    result
+}
+
+async fn end_to_end(
+    env: &TestEnv,
+    node: &RealNode,
+    client: &kube::Client,
+    n: &str,
+    started: Instant,
+) -> anyhow::Result<()> {
+    let (env, node) = (env.clone(), node.clone());
+
+    // ---- the shop's stores: a database of its own with four weeks of events, prefixes in
+    // Redis and S3 of its own; Pods reach them through the environment's Services.
+    let db = env.fresh_database("e2e").await?;
+    let db_name = db.rsplit('/').next().context("database name")?;
+    {
+        let pool = stores::postgres(&PostgresArgs {
+            url: db.clone(),
+            max_connections: 2,
+        })
+        .await?;
+        events::migrate(&pool).await?;
+        PostgresEvents::new(pool.clone())
+            .insert(&shop_events())
+            .await?;
+        pool.close().await;
+    }
+    let cluster_db = node.database_url_for(db_name)?;
+    let bucket = env.var("RECSYS_TEST_S3_BUCKET")?;
+    let store = format!("s3://{bucket}/{n}");
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "create",
+            "configmap",
+            "recsys-config",
+            &format!("--from-literal=RECSYS_REDIS_URL={}", node.redis_url),
+            &format!("--from-literal=RECSYS_REDIS_PREFIX={}", n.replace('-', "_")),
+            &format!("--from-literal=RECSYS_ARTIFACTS={store}"),
+            &format!("--from-literal=RECSYS_S3_ENDPOINT={}", node.s3_endpoint),
+            "--from-literal=RECSYS_S3_FORCE_PATH_STYLE=true",
+            &format!(
+                "--from-literal=RECSYS_S3_REGION={}",
+                env.var("RECSYS_TEST_S3_REGION")?
+            ),
+        ],
+    )?;
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "create",
+            "secret",
+            "generic",
+            "recsys-secrets",
+            &format!("--from-literal=RECSYS_DATABASE_URL={cluster_db}"),
+            &format!(
+                "--from-literal=AWS_ACCESS_KEY_ID={}",
+                env.var("AWS_ACCESS_KEY_ID")?
+            ),
+            &format!(
+                "--from-literal=AWS_SECRET_ACCESS_KEY={}",
+                env.var("AWS_SECRET_ACCESS_KEY")?
+            ),
+        ],
+    )?;
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "create",
+            "secret",
+            "generic",
+            "recsys-registry",
+            &format!("--from-literal=database-url={cluster_db}"),
+        ],
+    )?;
+
+    // ---- helm install, with the images built here, everything on the real node.
+    let release = format!("recsys-{}", n.rsplit('-').next().unwrap_or("e2e"));
+    let (op_repo, op_tag) = node.operator_image.rsplit_once(':').context("image tag")?;
+    let (tr_repo, tr_tag) = node.trainer_image.rsplit_once(':').context("image tag")?;
+    let selector = node.node_selector().to_string();
+    let tolerations = node.tolerations().to_string();
+    let chart = repo_root().join("charts/recsys");
+    let install_started = Instant::now();
+    run(env.command("helm").args([
+        "install",
+        &release,
+        chart.to_str().unwrap_or("charts/recsys"),
+        "--namespace",
+        n,
+        "--wait",
+        "--timeout",
+        "180s",
+        "--set",
+        &format!("operator.image.repository={op_repo}"),
+        "--set",
+        &format!("operator.image.tag={op_tag}"),
+        "--set",
+        &format!("trainer.image.repository={tr_repo}"),
+        "--set",
+        &format!("trainer.image.tag={tr_tag}"),
+        "--set",
+        &format!("operator.watchNamespace={n}"),
+        "--set",
+        "registry.databaseSecret.name=recsys-registry",
+        "--set",
+        "registry.refreshInterval=5s",
+        "--set-json",
+        &format!("operator.nodeSelector={selector}"),
+        "--set-json",
+        &format!("operator.tolerations={tolerations}"),
+        "--set-json",
+        &format!("trainer.nodeSelector={selector}"),
+        "--set-json",
+        &format!("trainer.tolerations={tolerations}"),
+    ]))?;
+    let operator_ready = install_started.elapsed();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), n);
+    let operator_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=recsys-operator"))
+        .await?
+        .items;
+    assert_eq!(operator_pods.len(), 1, "one operator pod");
+    let op = &operator_pods[0];
+    assert_eq!(
+        op.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+        Some(node.name.as_str()),
+        "the operator runs on the real node"
+    );
+    assert_locked_down(&node, "operator", op, true)?;
+
+    // ---- the example FeatureDefinitions and BatchJobs, as shipped.
+    let mut objects = vec![];
+    for f in [
+        "features/popularity-score",
+        "features/freshness-score",
+        "features/user-category-affinity",
+        "batchjob",
+        "batchjobs/category-affinity",
+        "batchjobs/cf-train",
+    ] {
+        objects.extend(examples(&format!("docs/examples/{f}.yaml"), n)?);
+    }
+    apply(&env, &objects)?;
+    let fds: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), n, &resource("FeatureDefinition"));
+    for fd in [
+        "popularity-score-v1",
+        "freshness-score-v1",
+        "user-category-affinity-v1",
+    ] {
+        wait_for(
+            Duration::from_secs(90),
+            &format!("FeatureDefinition {fd} registered by the operator pod"),
+            || async {
+                let o = fds.get(fd).await?;
+                Ok(o.data["status"]["registeredVersion"].is_string())
+            },
+        )
+        .await?;
+    }
+
+    // ---- run the scheduled jobs now, as a user would: a Job from the CronJob.
+    let bjs: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource("BatchJob"));
+    for job in ["popularity", "category-affinity", "cf-train"] {
+        wait_for(
+            Duration::from_secs(60),
+            &format!("CronJob {job}"),
+            || async { Ok(kubectl(&env, &["-n", n, "get", "cronjob", job]).is_ok()) },
+        )
+        .await?;
+        kubectl(
+            &env,
+            &[
+                "-n",
+                n,
+                "create",
+                "job",
+                &format!("{job}-now"),
+                &format!("--from=cronjob/{job}"),
+            ],
+        )?;
+    }
+
+    // ---- exit codes drive retries for real: bad options exit 2 and fail at once; an
+    // unreachable database exits 1 and is retried up to maxAttempts.
+    let mut failing = examples("docs/examples/batchjob.yaml", n)?;
+    let mut not_retryable = failing.remove(0);
+    not_retryable["metadata"]["name"] = json!("popularity-bad-window");
+    not_retryable["metadata"]["annotations"] = json!({ "recsys.io/run": "1" });
+    not_retryable["spec"]["schedule"] = Value::Null;
+    not_retryable["spec"]["timeZone"] = Value::Null;
+    not_retryable["spec"]["parameters"]["window"] = json!("ninety days");
+    let mut retryable = not_retryable.clone();
+    retryable["metadata"]["name"] = json!("popularity-no-database");
+    retryable["spec"]["parameters"]["window"] = json!("90d");
+    retryable["spec"]["retry"]["maxAttempts"] = json!(2);
+    // The environment's Postgres Service, on a port nothing listens on.
+    let (server, database) = cluster_db.rsplit_once('/').context("database URL")?;
+    let (host, _port) = server.rsplit_once(':').context("database URL port")?;
+    let unreachable = format!("{host}:1/{database}");
+    retryable["spec"]["parameters"]["database-url"] = json!(unreachable);
+    apply(&env, &[not_retryable, retryable])?;
+
+    let timeout = Duration::from_secs(300);
+    for job in ["popularity", "category-affinity", "cf-train"] {
+        let (outcome, reason, attempts) = finished_run(&bjs, job, timeout).await?;
+        if outcome != "Succeeded" {
+            let logs = kubectl(&env, &["-n", n, "logs", &format!("job/{job}-now")])
+                .unwrap_or_else(|e| e.to_string());
+            panic!("{job}: {outcome} ({reason}) after {attempts} attempts; logs:\n{logs}");
+        }
+    }
+
+    // `kubectl logs` reaches the trainer's output: the JSON report names the version.
+    let report = kubectl(&env, &["-n", n, "logs", "job/cf-train-now"])?;
+    let version = report
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["version"].as_str().map(str::to_owned))
+        .with_context(|| format!("no version in the cf-train report:\n{report}"))?;
+
+    let all_pods = pods.list(&ListParams::default()).await?.items;
+    let trainer = pods_labelled(&all_pods, "job-name", "cf-train-now");
+    assert_eq!(trainer.len(), 1, "cf-train ran once");
+    assert_eq!(
+        trainer[0]
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref()),
+        Some(node.name.as_str())
+    );
+    assert_locked_down(&node, "trainer", &trainer[0], false)?;
+
+    let (outcome, reason, _) = finished_run(&bjs, "popularity-bad-window", timeout).await?;
+    assert_eq!(outcome, "Failed", "bad options: {reason}");
+    assert!(
+        reason.contains("PodFailurePolicy"),
+        "not retryable: {reason}"
+    );
+    let (outcome, reason, attempts) = finished_run(&bjs, "popularity-no-database", timeout).await?;
+    assert_eq!(outcome, "Failed", "unreachable database: {reason}");
+    assert!(reason.contains("BackoffLimitExceeded"), "retried: {reason}");
+    let jobs: Api<Job> = Api::namespaced(client.clone(), n);
+    let all_pods = pods.list(&ListParams::default()).await?.items;
+    let attempts_of = |bj: &str| -> Vec<i32> {
+        pods_labelled(&all_pods, "recsys.io/batchjob", bj)
+            .iter()
+            .filter_map(|p| {
+                let status = p.status.as_ref()?.container_statuses.as_ref()?.first()?;
+                Some(status.state.as_ref()?.terminated.as_ref()?.exit_code)
+            })
+            .collect()
+    };
+    assert_eq!(
+        attempts_of("popularity-bad-window"),
+        [2],
+        "exit 2 is not retried"
+    );
+    assert_eq!(
+        (attempts_of("popularity-no-database"), attempts),
+        (vec![1, 1], 2),
+        "exit 1 is retried up to maxAttempts"
+    );
+    let failed_job = jobs
+        .list(&ListParams::default().labels("recsys.io/batchjob=popularity-bad-window"))
+        .await?
+        .items;
+    assert_eq!(failed_job.len(), 1);
+    let logs = kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "logs",
+            &format!(
+                "job/{}",
+                failed_job[0].metadata.name.as_deref().unwrap_or_default()
+            ),
+        ],
+    )?;
+    assert!(
+        logs.contains("ninety days"),
+        "the trainer says what is wrong:\n{logs}"
+    );
+
+    // ---- a ModelDeployment routes the new version; the scorer from docs serves it.
+    let mut md = recsys_tests::example("ModelDeployment", n)?;
+    md["spec"]["model"] = json!(MODEL);
+    md["spec"]["version"] = json!(version);
+    md["spec"]["artifacts"] = json!({ "uri": store });
+    md["spec"]["strategy"] = json!({ "steps": [{ "full": {} }] });
+    apply(&env, &[md])?;
+    let mut scorer = examples("docs/examples/scorer.yaml", n)?;
+    for o in &mut scorer {
+        if o["kind"] == json!("Deployment") {
+            o["spec"]["template"]["spec"]["containers"][0]["image"] = json!(node.scorer_image);
+            node.place(&mut o["spec"]["template"]["spec"]);
+        }
+    }
+    apply(&env, &scorer)?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
+    wait_for(
+        Duration::from_secs(180),
+        "the scorer Deployment's pods ready (the routed version loaded)",
+        || async {
+            let d = deployments.get("recsys-scorer").await?;
+            let s = d.status.unwrap_or_default();
+            Ok(s.ready_replicas == Some(2) && s.updated_replicas == Some(2))
+        },
+    )
+    .await
+    .map_err(|e| {
+        let logs = kubectl(
+            &env,
+            &["-n", n, "logs", "deploy/recsys-scorer", "--tail=30"],
+        )
+        .unwrap_or_default();
+        anyhow::anyhow!("{e:#}\nscorer logs:\n{logs}")
+    })?;
+
+    // ---- a recommendation through the Service, by its DNS name, from a Pod on the node.
+    let url =
+        format!("http://recsys-scorer.{n}.svc.cluster.local/v1/recommendations?user_id=u7&k=5");
+    let (code, body) = node
+        .toolbox_run(
+            &env,
+            client,
+            n,
+            "client",
+            &["wget", "-q", "-O", "-", &url],
+            Duration::from_secs(60),
+        )
+        .await?;
+    let first_recommendation = install_started.elapsed();
+    assert_eq!(code, 0, "wget {url}: {body}");
+    let answer: Value =
+        serde_json::from_str(body.trim()).with_context(|| format!("not JSON: {body}"))?;
+    assert_eq!(answer["version"], json!(version), "{answer}");
+    assert_eq!(answer["model"], json!(MODEL));
+    assert_eq!(answer["path"], json!("cf"), "u7 was trained with: {answer}");
+    let items = answer["items"].as_array().context("items")?;
+    assert_eq!(items.len(), 5, "{answer}");
+    let scorer_pods = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=recsys-scorer"))
+        .await?
+        .items;
+    for p in &scorer_pods {
+        assert_locked_down(&node, "scorer", p, true)?;
+    }
+
+    eprintln!(
+        "figures: helm install → operator ready {:.1}s; → first recommendation through the Service {:.1}s; whole test {:.1}s",
+        operator_ready.as_secs_f64(),
+        first_recommendation.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // ---- helm uninstall removes the release and keeps what the docs say it keeps: the CRDs,
+    // and the resources users created with their children.
+    run(env
+        .command("helm")
+        .args(["uninstall", &release, "--namespace", n, "--wait"]))?;
+    let left = kubectl(
+        &env,
+        &[
+            "get",
+            "deployments,services,serviceaccounts,roles,rolebindings,configmaps,secrets",
+            "-n",
+            n,
+            "-l",
+            &format!("app.kubernetes.io/instance={release}"),
+            "-o",
+            "name",
+        ],
+    )?;
+    assert_eq!(
+        left.trim(),
+        "",
+        "namespaced objects of the release left: {left}"
+    );
+    let cluster_left = kubectl(
+        &env,
+        &["get", "clusterroles,clusterrolebindings", "-o", "name"],
+    )?;
+    assert!(
+        !cluster_left.contains(&release),
+        "cluster objects of the release left: {cluster_left}"
+    );
+    let crds = kubectl(&env, &["get", "crd", "-o", "name"])?;
+    for crd in ["batchjobs", "modeldeployments", "featuredefinitions"] {
+        assert!(crds.contains(&format!("{crd}.recsys.io")), "CRD {crd} kept");
+    }
+    assert!(
+        bjs.get_opt("cf-train").await?.is_some(),
+        "BatchJobs are the user's: kept"
+    );
+    Ok(())
+}
+
+/// Pods on the real node resolve cluster names through CoreDNS, reach the API server and the
+/// environment's servers through Services, and cannot reach anything outside the machine: no
+/// name outside the cluster resolves, and packets to another address are dropped by the
+/// environment's guard before they leave.
+#[tokio::test]
+async fn real_node_pods_get_cluster_dns_and_services_and_nothing_else() -> anyhow::Result<()> {
+    let env = TestEnv::load()?;
+    let node = RealNode::from_env(&env)?;
+    let client = env.client().await?;
+    let ns = TestNamespace::create(&env, &client, "net").await?;
+    let script = format!(
+        "nslookup kubernetes.default.svc.cluster.local && \
+         nslookup postgres.recsys-testenv.svc.cluster.local && \
+         echo PING | nc -w 3 {redis} && \
+         if nslookup -timeout=2 example.com; then echo OUTSIDE-NAME-RESOLVED; fi; \
+         if echo | nc -w 3 198.51.100.1 80; then echo OUTSIDE-REACHED; fi; \
+         echo done",
+        redis = node
+            .redis_url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .replace(':', " ")
+    );
+    let (code, out) = node
+        .toolbox_run(
+            &env,
+            &client,
+            &ns.name,
+            "net",
+            &["sh", "-c", &script],
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("Address: 10.0.0.1"),
+        "kubernetes Service: {out}"
+    );
+    assert!(out.contains("+PONG"), "Redis through its Service: {out}");
+    assert!(!out.contains("OUTSIDE-NAME-RESOLVED"), "{out}");
+    assert!(!out.contains("OUTSIDE-REACHED"), "{out}");
+    assert!(out.trim_end().ends_with("done"), "{out}");
+    Ok(())
+}
