@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::Duration;
 
-/// A batch job of the trainer, run as a CronJob (with `schedule`) or a Job on demand.
+/// A batch job of the trainer, run as a Job on its schedule, on request, or after the BatchJobs it
+/// depends on.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "recsys.io",
@@ -27,7 +28,9 @@ use crate::common::Duration;
     printcolumn(name = "Job", type_ = "string", json_path = ".spec.job"),
     printcolumn(name = "Schedule", type_ = "string", json_path = ".spec.schedule"),
     printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
-    printcolumn(name = "Last Run", type_ = "date", json_path = ".status.lastScheduleTime"),
+    printcolumn(name = "Last Run", type_ = "date", json_path = ".status.history[0].finishedAt"),
+    printcolumn(name = "Outcome", type_ = "string", json_path = ".status.history[0].outcome"),
+    printcolumn(name = "Next Run", type_ = "date", json_path = ".status.nextScheduleTime"),
     printcolumn(name = "Last Success", type_ = "date", json_path = ".status.lastSuccessfulTime"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -43,7 +46,8 @@ pub struct BatchJobSpec {
     pub job: JobKind,
 
     /// Cron schedule in the five-field form `minute hour day-of-month month day-of-week`, or a
-    /// macro such as `@daily`. Without it the job runs only on demand.
+    /// macro such as `@daily`; the operator starts a Job when it is due. Without it the job
+    /// runs on demand (the annotation `recsys.io/run`) or after its upstreams (`after`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 128))]
     #[x_kube(validation = kube::core::Rule::new(r"self.matches('^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[0-9A-Za-z*/,?-]+( +[0-9A-Za-z*/,?-]+){4})$')").message("schedule must be a five-field cron expression (minute hour day-of-month month day-of-week) or one of @yearly, @monthly, @weekly, @daily, @hourly"))]
@@ -54,7 +58,8 @@ pub struct BatchJobSpec {
     #[schemars(length(max = 64))]
     pub time_zone: Option<String>,
 
-    /// Suspends scheduling; a run already started goes on.
+    /// Suspends scheduled and upstream-triggered runs; a run already started goes on, and
+    /// `recsys.io/run` still starts one.
     #[serde(default)]
     pub suspend: bool,
 
@@ -66,8 +71,11 @@ pub struct BatchJobSpec {
     #[serde(default)]
     pub concurrency_policy: ConcurrencyPolicy,
 
-    /// Names of BatchJobs in this namespace that must have succeeded since this job's last run
-    /// before it runs.
+    /// BatchJobs in this namespace whose output this job reads. With a schedule, a due run
+    /// starts only if every one of them has succeeded since this job's last run; otherwise it
+    /// is held (counted in `status.heldRuns`, with the upstream named in the UpstreamReady
+    /// condition). Without a schedule, the job runs each time all of them have succeeded since
+    /// its last run. Each run records the upstream runs it consumed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 8),
@@ -79,7 +87,8 @@ pub struct BatchJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_deadline: Option<Duration>,
 
-    /// Number of finished runs kept in `status.history` (and Jobs kept in the cluster).
+    /// Number of finished runs kept in `status.history`, and of finished Jobs kept in the
+    /// cluster (older ones are deleted with their Pods).
     #[serde(default = "default_history_limit")]
     #[schemars(range(min = 1, max = 20))]
     pub history_limit: i32,
@@ -103,7 +112,20 @@ pub struct BatchJobSpec {
     #[schemars(length(max = 512))]
     pub image: Option<String>,
 
-    /// Compute resources of the trainer container.
+    /// Labels added to the Pods of every run (cost allocation, policy selectors); the
+    /// operator's own labels take precedence.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub pod_labels: BTreeMap<String, String>,
+
+    /// Annotations added to the Pods of every run (for example a sidecar injector's opt-out).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub pod_annotations: BTreeMap<String, String>,
+
+    /// Compute resources of the trainer container; by default, per job: 250m CPU and 256Mi
+    /// requested (1Gi limit) for the feature jobs and data-quality, 500m and 512Mi (2Gi) for
+    /// backfill, 1 CPU and 1Gi (4Gi) for cf-train and index-rebuild.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 }
@@ -221,8 +243,11 @@ pub struct CfTrainSpec {
         length(min = 1, max = 63)
     )]
     pub model: String,
-    /// A ModelDeployment in this namespace that receives each published candidate, which then
-    /// starts its rollout (shadow first).
+    /// A ModelDeployment in this namespace that receives each registered version: when its
+    /// offline NDCG reaches `strategy.analysis.minOfflineMetricRatio` of the ModelDeployment's
+    /// stable version's (or there is no stable version or threshold yet), the operator sets the
+    /// ModelDeployment's `spec.version` to it, which starts the rollout. A version below the
+    /// threshold stays registered; the run's `handOff` says why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub hand_off_to: Option<String>,
@@ -235,41 +260,170 @@ pub struct BatchJobStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Accepted (the spec is valid) and Ready (the job is scheduled, or ready to run on demand).
+    /// Accepted (the spec is valid), Ready (the job is scheduled, or ready to run on demand)
+    /// and, with `spec.after`, UpstreamReady (every upstream succeeded since this job's last
+    /// run, or which one it waits for).
     #[serde(default)]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
-    /// When a run last started.
+    /// The scheduled time most recently due: run, held or missed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Time>,
+    /// When the schedule is next due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<Time>,
     /// When a run last succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_time: Option<Time>,
     /// Attempts of the current or last run.
     #[serde(default)]
     pub attempts: i32,
+    /// Scheduled runs not started because an upstream (`spec.after`) had not succeeded since
+    /// this job's last run, in total.
+    #[serde(default)]
+    pub held_runs: i32,
+    /// Scheduled runs not started because the operator saw them too late (more than five
+    /// minutes after they were due), in total.
+    #[serde(default)]
+    pub missed_runs: i32,
+    /// The value of the `recsys.io/run` annotation last acted on: each new value is one run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_request: Option<String>,
+    /// Runs in progress (their Job names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub active: Vec<String>,
     /// Finished runs, newest first, at most `spec.historyLimit`.
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub history: Vec<JobRun>,
 }
 
-/// One run of a job.
+/// One finished run of a job.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct JobRun {
     /// Name of the Kubernetes Job that ran it.
     pub job_name: String,
+    /// What started it.
+    #[serde(default)]
+    pub trigger: RunTrigger,
     /// When it started.
     pub started_at: Time,
     /// When it finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
-    /// `Succeeded` or `Failed`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: RunOutcome,
     /// Attempts it took.
     pub attempts: i32,
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// Wall time of the trainer's work, in seconds, from its report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<i64>,
+    /// Events read, from the trainer's report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<i64>,
+    /// Rows or values written (feature values, interactions learned from).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<i64>,
+    /// The model version a `cf-train` run registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The upstream runs (`spec.after`) whose output this run read: its lineage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub consumed: Vec<ConsumedRun>,
+    /// What became of the registered version (`spec.cfTrain.handOffTo`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hand_off: Option<HandOff>,
+}
+
+/// How a run ended.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RunOutcome {
+    /// Every step succeeded.
+    Succeeded,
+    /// The run failed: attempts used up, a failure retrying cannot fix, or the deadline passed.
+    Failed,
+}
+
+impl RunOutcome {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+        }
+    }
+}
+
+/// What started a run.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum RunTrigger {
+    /// `spec.schedule` was due (and every upstream had succeeded).
+    #[default]
+    Schedule,
+    /// The annotation `recsys.io/run` got a new value.
+    Manual,
+    /// Every upstream succeeded since the last run (`spec.after` without a schedule).
+    Upstream,
+}
+
+impl RunTrigger {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Schedule => "Schedule",
+            Self::Manual => "Manual",
+            Self::Upstream => "Upstream",
+        }
+    }
+}
+
+/// An upstream run a run consumed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumedRun {
+    /// The upstream BatchJob.
+    pub batch_job: String,
+    /// The Job of its run.
+    pub job_name: String,
+}
+
+/// The hand-off of a registered version to a ModelDeployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HandOff {
+    /// The ModelDeployment.
+    pub model_deployment: String,
+    /// What happened.
+    pub outcome: HandOffOutcome,
+    /// Why, with the figures compared.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// What became of a registered version.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum HandOffOutcome {
+    /// `spec.version` of the ModelDeployment was set to it: its rollout starts.
+    HandedOff,
+    /// Registered, not handed off: its offline metrics fell short of the stable version's.
+    BelowThreshold,
+    /// Not handed off: the ModelDeployment is missing, or the comparison could not be made.
+    NotHandedOff,
+}
+
+impl HandOffOutcome {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HandedOff => "HandedOff",
+            Self::BelowThreshold => "BelowThreshold",
+            Self::NotHandedOff => "NotHandedOff",
+        }
+    }
 }

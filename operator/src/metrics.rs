@@ -1,7 +1,7 @@
 //! Prometheus metrics of the operator. Labels are bounded: controller names and error kinds
 //! are `&'static str`, never object names.
 
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -47,6 +47,39 @@ pub struct DeploymentLabels {
     pub status: &'static str,
 }
 
+/// Labels of per-BatchJob series. The seed names them by `job_name`; with the namespace, one
+/// series per BatchJob, which a cluster has tens of, not per run.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchJobLabels {
+    /// The BatchJob's namespace.
+    pub namespace: String,
+    /// The BatchJob's name.
+    pub job_name: String,
+}
+
+/// Labels of `batch_job_executions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExecutionLabels {
+    /// The BatchJob's namespace.
+    pub namespace: String,
+    /// The BatchJob's name.
+    pub job_name: String,
+    /// `Succeeded` or `Failed`.
+    pub status: &'static str,
+}
+
+/// Labels of `batch_job_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// The BatchJob's namespace.
+    pub namespace: String,
+    /// The BatchJob's name.
+    pub job_name: String,
+    /// Why: the Job's failure reason (`BackoffLimitExceeded`, `PodFailurePolicy`,
+    /// `DeadlineExceeded`, …), or the trainer's error kind when it reported one.
+    pub reason: String,
+}
+
 /// All operator metrics and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
@@ -62,6 +95,16 @@ pub struct Metrics {
     pub registry_operations: Family<RegistryLabels, Counter>,
     /// Rollout transitions of ModelDeployments (`model_deployments_total`).
     pub deployments: Family<DeploymentLabels, Counter>,
+    /// Finished BatchJob runs by outcome (`batch_job_executions_total`).
+    pub batch_executions: Family<ExecutionLabels, Counter>,
+    /// Wall time of finished runs, from start to end (`batch_job_duration_seconds`).
+    pub batch_duration: Family<BatchJobLabels, Histogram>,
+    /// Failed runs by reason (`batch_job_failures_total`).
+    pub batch_failures: Family<FailureLabels, Counter>,
+    /// When a BatchJob last succeeded, Unix seconds (`batch_job_last_success_timestamp_seconds`).
+    pub batch_last_success: Family<BatchJobLabels, Gauge<f64, AtomicU64>>,
+    /// Scheduled runs held by `after` (`batch_job_held_runs_total`).
+    pub batch_held: Family<BatchJobLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -107,9 +150,47 @@ impl Default for Metrics {
             "Rollout transitions of ModelDeployments, by model, version and where it moved to",
             deployments.clone(),
         );
+        let batch_executions = Family::<ExecutionLabels, Counter>::default();
+        registry.register(
+            "batch_job_executions",
+            "Finished BatchJob runs, by outcome",
+            batch_executions.clone(),
+        );
+        let batch_duration = Family::<BatchJobLabels, Histogram>::new_with_constructor(|| {
+            // 1 s … about 9 h.
+            Histogram::new(exponential_buckets(1.0, 2.0, 16))
+        });
+        registry.register(
+            "batch_job_duration_seconds",
+            "Wall time of finished BatchJob runs, first attempt to end",
+            batch_duration.clone(),
+        );
+        let batch_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            "batch_job_failures",
+            "Failed BatchJob runs, by reason",
+            batch_failures.clone(),
+        );
+        let batch_last_success = Family::<BatchJobLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "batch_job_last_success_timestamp_seconds",
+            "When a BatchJob last succeeded (Unix seconds), for staleness alerts",
+            batch_last_success.clone(),
+        );
+        let batch_held = Family::<BatchJobLabels, Counter>::default();
+        registry.register(
+            "batch_job_held_runs",
+            "Scheduled BatchJob runs held because an upstream (spec.after) had not succeeded",
+            batch_held.clone(),
+        );
         Self {
             registry,
             deployments,
+            batch_executions,
+            batch_duration,
+            batch_failures,
+            batch_last_success,
+            batch_held,
             reconciles,
             failures,
             duration,
@@ -143,6 +224,50 @@ impl Metrics {
         self.registry_operations
             .get_or_create(&RegistryLabels { operation, outcome })
             .inc();
+    }
+
+    /// Records a finished run of BatchJob `namespace/job_name`: its outcome, duration, failure
+    /// reason or success time.
+    pub fn batch_run(&self, namespace: &str, job_name: &str, run: &recsys_crds::batch_job::JobRun) {
+        let job = BatchJobLabels {
+            namespace: namespace.to_owned(),
+            job_name: job_name.to_owned(),
+        };
+        self.batch_executions
+            .get_or_create(&ExecutionLabels {
+                namespace: job.namespace.clone(),
+                job_name: job.job_name.clone(),
+                status: run.outcome.as_str(),
+            })
+            .inc();
+        if let Some(end) = &run.finished_at {
+            let seconds = end.0.duration_since(run.started_at.0).as_secs_f64();
+            self.batch_duration
+                .get_or_create(&job)
+                .observe(seconds.max(0.0));
+            if run.outcome == recsys_crds::batch_job::RunOutcome::Succeeded {
+                self.batch_last_success
+                    .get_or_create(&job)
+                    .set(end.0.as_millisecond() as f64 / 1000.0);
+            }
+        }
+        if run.outcome == recsys_crds::batch_job::RunOutcome::Failed {
+            // "BackoffLimitExceeded: …" → the Job controller's reason, a short fixed set.
+            let reason = run
+                .reason
+                .split(':')
+                .next()
+                .filter(|r| !r.is_empty() && r.len() <= 64 && !r.contains(' '))
+                .unwrap_or("Failed")
+                .to_owned();
+            self.batch_failures
+                .get_or_create(&FailureLabels {
+                    namespace: job.namespace,
+                    job_name: job.job_name,
+                    reason,
+                })
+                .inc();
+        }
     }
 
     /// The OpenMetrics text exposition.

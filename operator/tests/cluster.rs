@@ -22,6 +22,7 @@ use recsys_core::features::registry::{
 use recsys_core::serving::routing::{
     RoutingFormat, RoutingMetrics, RoutingSource as _, RoutingTable,
 };
+use recsys_crds::batch_job::RunOutcome;
 use recsys_crds::common::find_condition;
 use recsys_crds::feature_definition::Freshness;
 use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDeployment, Stage};
@@ -222,18 +223,19 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
         Some("20261126-0200")
     );
 
-    // The scheduled BatchJob owns a CronJob running the trainer subcommand.
-    let cj = cronjobs.get("popularity").await?;
-    assert_eq!(cj.owner_references()[0].uid, bj.uid().unwrap_or_default());
-    let spec = cj.spec.clone().unwrap_or_default();
-    assert_eq!(spec.schedule, "*/5 * * * *");
-    let job = spec.job_template.spec.unwrap_or_default();
-    assert_eq!(job.backoff_limit, Some(2));
-    let args = job.template.spec.unwrap_or_default().containers[0]
-        .args
-        .clone()
-        .unwrap_or_default();
-    assert_eq!(args, ["popularity", "--half-life=7d", "--window=90d"]);
+    // The operator runs the scheduled BatchJob itself: the next due time is in its status, and
+    // no CronJob exists.
+    let next = bj
+        .status
+        .as_ref()
+        .and_then(|s| s.next_schedule_time.clone())
+        .context("nextScheduleTime")?;
+    let ahead = jiff::Timestamp::now().duration_until(next.0);
+    assert!(
+        ahead.is_positive() && ahead.as_secs() <= 300,
+        "every 5 minutes: next in {ahead:?}"
+    );
+    assert!(cronjobs.get_opt("popularity").await?.is_none());
 
     // Events tell the story.
     let evs = events(&client, &ns.name, "popularity-score-v1").await?;
@@ -261,15 +263,6 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     let _op = Operator::start(&env, &ns.name, &[]).await?;
     wait_conditions(&fds, "popularity-score-v1", "True", "True", "Resolved").await?;
     wait_conditions(&bjs, "popularity", "True", "True", "Suspended").await?;
-    wait_for(WAIT, "CronJob suspended", || async {
-        Ok(cronjobs
-            .get("popularity")
-            .await?
-            .spec
-            .and_then(|s| s.suspend)
-            == Some(true))
-    })
-    .await?;
 
     // A spec the schema accepts but the operator cannot: minute 61. Rejected with the field,
     // and a Warning Event.
@@ -319,7 +312,7 @@ async fn on_demand_run_completes_on_a_kwok_node() -> anyhow::Result<()> {
         Ok(status
             .history
             .first()
-            .is_some_and(|r| r.outcome == "Succeeded")
+            .is_some_and(|r| r.outcome == RunOutcome::Succeeded)
             && status.last_successful_time.is_some())
     })
     .await?;
@@ -341,7 +334,7 @@ async fn on_demand_run_completes_on_a_kwok_node() -> anyhow::Result<()> {
         .unwrap_or_default();
     assert_eq!(args[0], "backfill");
     assert!(
-        args.contains(&"--features=popularity_score".to_owned()),
+        args.contains(&"--feature=popularity_score".to_owned()),
         "{args:?}"
     );
     let evs = events(&client, &ns.name, "backfill").await?;
@@ -1006,5 +999,227 @@ async fn a_rollout_moves_through_its_steps_and_the_table_follows() -> anyhow::Re
     }
 
     op.kill();
+    Ok(())
+}
+
+/// A chain a → b → c: b runs only after a succeeded, c only after b, each once per upstream
+/// success, each run recording the upstream run it consumed; a failing upstream holds a
+/// scheduled downstream, counted and named in its status, Events and metrics; finished Jobs
+/// beyond `historyLimit` are collected.
+#[tokio::test]
+async fn batch_jobs_run_after_their_upstreams_and_hold_when_one_fails() -> anyhow::Result<()> {
+    let (env, client, ns) = setup("chain").await?;
+    let op = Operator::start(&env, &ns.name, &[]).await?;
+    let bjs: Api<BatchJob> = Api::namespaced(client.clone(), &ns.name);
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns.name);
+    let body = |name: &str, job: &str, after: &[&str], extra: serde_json::Value| {
+        let mut v = json!({
+            "apiVersion": "recsys.io/v1alpha1", "kind": "BatchJob",
+            "metadata": { "name": name, "namespace": ns.name },
+            "spec": { "job": job, "after": after },
+        });
+        if let (Some(spec), Some(extra)) = (v["spec"].as_object_mut(), extra.as_object()) {
+            spec.extend(extra.clone());
+        }
+        v
+    };
+    apply(
+        &bjs,
+        "a",
+        &body("a", "popularity", &[], json!({ "historyLimit": 1 })),
+    )
+    .await?;
+    apply(&bjs, "b", &body("b", "freshness", &["a"], json!({}))).await?;
+    apply(
+        &bjs,
+        "c",
+        &body("c", "category-affinity", &["b"], json!({})),
+    )
+    .await?;
+    wait_conditions(&bjs, "c", "True", "True", "AfterUpstream").await?;
+    let upstream_reason = |bj: &BatchJob| {
+        let conditions = bj
+            .status
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        find_condition(&conditions, "UpstreamReady").map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    wait_for(WAIT, "b waits for a", || async {
+        Ok(upstream_reason(&bjs.get("b").await?)
+            .is_some_and(|(r, m)| r == "UpstreamPending" && m.contains("waiting for a")))
+    })
+    .await?;
+    assert!(
+        jobs.list(&ListParams::default().labels("recsys.io/batchjob"))
+            .await?
+            .items
+            .is_empty(),
+        "nothing runs before a"
+    );
+
+    let run = |token: &str| json!({ "metadata": { "annotations": { "recsys.io/run": token } } });
+    let history = |name: &'static str| {
+        let bjs = bjs.clone();
+        async move { anyhow::Ok(bjs.get(name).await?.status.unwrap_or_default().history) }
+    };
+    bjs.patch("a", &PatchParams::default(), &Patch::Merge(run("1")))
+        .await?;
+    wait_for(
+        Duration::from_secs(90),
+        "c succeeded after b after a",
+        || async {
+            Ok(history("c")
+                .await?
+                .first()
+                .is_some_and(|r| r.outcome == RunOutcome::Succeeded))
+        },
+    )
+    .await?;
+    let (a, b, c) = (
+        history("a").await?,
+        history("b").await?,
+        history("c").await?,
+    );
+    assert_eq!((a.len(), b.len(), c.len()), (1, 1, 1));
+    assert_eq!(b[0].trigger, recsys_crds::batch_job::RunTrigger::Upstream);
+    assert_eq!(
+        b[0].consumed[0].job_name, a[0].job_name,
+        "b consumed a's run"
+    );
+    assert_eq!(
+        c[0].consumed[0].job_name, b[0].job_name,
+        "c consumed b's run"
+    );
+    let finished = |r: &recsys_crds::batch_job::JobRun| r.finished_at.clone().map(|t| t.0);
+    assert!(
+        b[0].started_at.0 >= finished(&a[0]).context("a finished")?,
+        "b after a"
+    );
+    assert!(
+        c[0].started_at.0 >= finished(&b[0]).context("b finished")?,
+        "c after b"
+    );
+
+    // Once per upstream success: a second run of a, one more of b and c.
+    bjs.patch("a", &PatchParams::default(), &Patch::Merge(run("2")))
+        .await?;
+    wait_for(Duration::from_secs(90), "c ran twice", || async {
+        Ok(history("c").await?.len() == 2
+            && history("c")
+                .await?
+                .iter()
+                .all(|r| r.outcome == RunOutcome::Succeeded))
+    })
+    .await?;
+    assert_eq!(history("b").await?.len(), 2, "b ran once per run of a");
+    // a keeps one finished Job (historyLimit 1); the older one is collected.
+    wait_for(WAIT, "a's older Job collected", || async {
+        Ok(jobs
+            .list(&ListParams::default().labels("recsys.io/batchjob=a"))
+            .await?
+            .items
+            .len()
+            == 1)
+    })
+    .await?;
+    assert_eq!(history("a").await?.len(), 1);
+
+    // A failing upstream (kwok fails its Pod with exit code 1) holds a scheduled downstream.
+    apply(
+        &bjs,
+        "broken",
+        &body(
+            "broken",
+            "popularity",
+            &[],
+            json!({
+                "retry": { "maxAttempts": 1 },
+                "podLabels": { "recsys.io/kwok-exit-code": "1" },
+            }),
+        ),
+    )
+    .await?;
+    bjs.patch("broken", &PatchParams::default(), &Patch::Merge(run("1")))
+        .await?;
+    apply(
+        &bjs,
+        "held",
+        &body(
+            "held",
+            "freshness",
+            &["broken"],
+            json!({ "schedule": "* * * * *" }),
+        ),
+    )
+    .await?;
+    wait_for(Duration::from_secs(30), "broken failed", || async {
+        Ok(history("broken")
+            .await?
+            .first()
+            .is_some_and(|r| r.outcome == RunOutcome::Failed))
+    })
+    .await?;
+    let failed = history("broken").await?;
+    assert!(
+        failed[0].reason.contains("BackoffLimitExceeded"),
+        "{:?}",
+        failed[0]
+    );
+    // The next minute's run is held: counted, the upstream named, an Event, a metric.
+    wait_for(Duration::from_secs(75), "a held run", || async {
+        Ok(bjs.get("held").await?.status.unwrap_or_default().held_runs >= 1)
+    })
+    .await?;
+    let held = bjs.get("held").await?;
+    let (reason, message) = upstream_reason(&held).context("UpstreamReady")?;
+    assert_eq!(reason, "UpstreamFailed");
+    assert!(
+        message.contains("broken") && message.contains("BackoffLimitExceeded"),
+        "{message}"
+    );
+    assert!(
+        held.status.unwrap_or_default().history.is_empty(),
+        "never run on stale input"
+    );
+    assert!(
+        jobs.list(&ListParams::default().labels("recsys.io/batchjob=held"))
+            .await?
+            .items
+            .is_empty()
+    );
+    let evs = events(&client, &ns.name, "held").await?;
+    assert!(
+        evs.contains(&("Warning".into(), "RunHeld".into())),
+        "{evs:?}"
+    );
+
+    let ns_label = format!("namespace=\"{}\"", ns.name);
+    let metric = |name: &str, labels: &str| format!("{name}{{{ns_label},{labels}}}");
+    let held_total = op
+        .metric(&metric("batch_job_held_runs_total", "job_name=\"held\""))
+        .await?;
+    assert!(held_total.is_some_and(|n| n >= 1.0), "{held_total:?}");
+    let ok = op
+        .metric(&metric(
+            "batch_job_executions_total",
+            "job_name=\"c\",status=\"Succeeded\"",
+        ))
+        .await?;
+    assert_eq!(ok, Some(2.0));
+    let failures = op
+        .metric(&metric(
+            "batch_job_failures_total",
+            "job_name=\"broken\",reason=\"BackoffLimitExceeded\"",
+        ))
+        .await?;
+    assert_eq!(failures, Some(1.0));
+    let last = op
+        .metric(&metric(
+            "batch_job_last_success_timestamp_seconds",
+            "job_name=\"c\"",
+        ))
+        .await?;
+    assert!(last.is_some_and(|t| t > 1.7e9), "{last:?}");
     Ok(())
 }

@@ -626,13 +626,35 @@ ensure scheduler 90
 kwok_healthy() { [[ "$(curl -fsSk --max-time 3 "https://127.0.0.1:$KWOK_PORT/healthz")" == ok ]]; }
 kwok_cmd() {
 	# --node-ip/--node-port point the apiserver's kubelet connection (logs, exec) at kwok's server.
-	CMD=("$KWOK_BIN" --kubeconfig="$KUBECONFIG_FILE" --config="$KWOK_DIR/stages.yaml"
+	CMD=("$KWOK_BIN" --kubeconfig="$KUBECONFIG_FILE" --config="$KWOK_STAGES"
 		--manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake
 		--cidr=10.244.0.0/16 --node-ip=127.0.0.1 --node-port="$KWOK_PORT"
 		--server-address="127.0.0.1:$KWOK_PORT"
 		--tls-cert-file="$PKI_DIR/apiserver.crt" --tls-private-key-file="$PKI_DIR/apiserver.key"
 		--node-lease-duration-seconds=40)
 }
+# kwokctl's stages plus ours (kwok/*.yaml); pod-complete leaves Pods labelled
+# recsys.io/kwok-exit-code to kwok/pod-fail-with-exit-code.yaml. The file is named by its
+# content, so a change restarts kwok.
+kwok_stages() {
+	awk '
+		/^  name: pod-complete$/ { in_complete = 1 }
+		/^---/ { in_complete = 0 }
+		{ print }
+		in_complete && /^    matchExpressions:$/ {
+			print "    - key: \x27.metadata.labels.\"recsys.io/kwok-exit-code\"\x27"
+			print "    - operator: \x27DoesNotExist\x27"
+		}' "$KWOK_DIR/stages.yaml" | sed 's/^    - operator: /      operator: /'
+	local f
+	for f in "$SCRIPT_DIR"/kwok/*.yaml; do
+		echo "---"
+		cat "$f"
+	done
+}
+kwok_stages >"$TESTENV_DIR/kwok-stages.yaml.tmp"
+KWOK_STAGES="$TESTENV_DIR/kwok-stages-$(sha256sum <"$TESTENV_DIR/kwok-stages.yaml.tmp" | cut -c1-12).yaml"
+mv "$TESTENV_DIR/kwok-stages.yaml.tmp" "$KWOK_STAGES"
+find "$TESTENV_DIR" -maxdepth 1 -name 'kwok-stages-*.yaml' ! -path "$KWOK_STAGES" -delete
 ensure kwok 60
 
 # ---- the fake node -------------------------------------------------------------

@@ -331,6 +331,55 @@ async fn crds_examples_rules_and_columns() -> anyhow::Result<()> {
         }
     }
 
+    // The seed's pipeline, as shipped: every object of docs/examples/pipeline is accepted by
+    // a server-side dry run (the Namespace aside: everything goes into the test's own).
+    let dir = recsys_tests::repo_root().join("docs/examples/pipeline");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.sort();
+    let mut accepted = vec![];
+    for path in files {
+        let text = std::fs::read_to_string(&path)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut v: Value = serde::Deserialize::deserialize(doc)?;
+            let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+            if kind == "Namespace" || v.is_null() {
+                continue;
+            }
+            v["metadata"]["namespace"] = json!(ns.name);
+            let name = v["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &ns.name, &resource(&kind));
+            api.create(
+                &PostParams {
+                    dry_run: true,
+                    ..Default::default()
+                },
+                &serde_json::from_value(v)?,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{} {kind}/{name} rejected: {e}", path.display()))?;
+            accepted.push(format!("{kind}/{name}"));
+        }
+    }
+    assert_eq!(
+        accepted,
+        [
+            "BatchJob/popularity",
+            "BatchJob/category-affinity",
+            "BatchJob/data-quality",
+            "BatchJob/cf-train",
+            "BatchJob/index-rebuild",
+            "BatchJob/index-rebuild-weekly",
+            "BatchJob/backfill",
+            "ModelDeployment/als"
+        ]
+    );
+
     // Every rule rejects its bad object, with its message and the field.
     let offline_only = {
         // "served nowhere" needs offline=false too.

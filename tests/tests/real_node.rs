@@ -148,6 +148,27 @@ async fn finished_run(
 }
 
 /// Pods of a Job, or (with `label` `recsys.io/batchjob`) of every Job of a BatchJob.
+/// The newest finished run of a BatchJob, as JSON.
+async fn latest_run(api: &Api<DynamicObject>, name: &str) -> anyhow::Result<Value> {
+    let bj = api.get(name).await?;
+    Ok(bj.data["status"]["history"][0].clone())
+}
+
+/// Waits for a finished run of BatchJob `name` newer than the run of Job `after`.
+async fn next_run(
+    api: &Api<DynamicObject>,
+    name: &str,
+    after: &str,
+    timeout: Duration,
+) -> anyhow::Result<Value> {
+    wait_for(timeout, &format!("a new run of {name}"), || async {
+        let run = latest_run(api, name).await?;
+        Ok(run["jobName"].as_str().is_some_and(|j| j != after))
+    })
+    .await?;
+    latest_run(api, name).await
+}
+
 fn pods_labelled(pods: &[Pod], label: &str, value: &str) -> Vec<Pod> {
     pods.iter()
         .filter(|p| {
@@ -410,25 +431,12 @@ async fn end_to_end(
         .await?;
     }
 
-    // ---- run the scheduled jobs now, as a user would: a Job from the CronJob.
+    // ---- run the scheduled jobs now, as a user would: the run annotation.
     let bjs: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource("BatchJob"));
     for job in ["popularity", "category-affinity", "cf-train"] {
-        wait_for(
-            Duration::from_secs(60),
-            &format!("CronJob {job}"),
-            || async { Ok(kubectl(&env, &["-n", n, "get", "cronjob", job]).is_ok()) },
-        )
-        .await?;
         kubectl(
             &env,
-            &[
-                "-n",
-                n,
-                "create",
-                "job",
-                &format!("{job}-now"),
-                &format!("--from=cronjob/{job}"),
-            ],
+            &["-n", n, "annotate", "batchjob", job, "recsys.io/run=first"],
         )?;
     }
 
@@ -456,22 +464,32 @@ async fn end_to_end(
     for job in ["popularity", "category-affinity", "cf-train"] {
         let (outcome, reason, attempts) = finished_run(&bjs, job, timeout).await?;
         if outcome != "Succeeded" {
-            let logs = kubectl(&env, &["-n", n, "logs", &format!("job/{job}-now")])
-                .unwrap_or_else(|e| e.to_string());
+            let logs = kubectl(
+                &env,
+                &["-n", n, "logs", "-l", &format!("recsys.io/batchjob={job}")],
+            )
+            .unwrap_or_else(|e| e.to_string());
             panic!("{job}: {outcome} ({reason}) after {attempts} attempts; logs:\n{logs}");
         }
     }
 
-    // `kubectl logs` reaches the trainer's output: the JSON report names the version.
-    let report = kubectl(&env, &["-n", n, "logs", "job/cf-train-now"])?;
-    let version = report
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| v["version"].as_str().map(str::to_owned))
-        .with_context(|| format!("no version in the cf-train report:\n{report}"))?;
+    // The run's status names the version it registered, from the trainer's summary; and
+    // `kubectl logs` reaches the trainer's own output.
+    let first = latest_run(&bjs, "cf-train").await?;
+    let version = first["version"]
+        .as_str()
+        .with_context(|| format!("no version in the cf-train run: {first}"))?
+        .to_owned();
+    let cf_job = first["jobName"].as_str().unwrap_or_default().to_owned();
+    let logs = kubectl(&env, &["-n", n, "logs", &format!("job/{cf_job}")])?;
+    assert!(
+        logs.contains(&version),
+        "the trainer's log names {version}:\n{logs}"
+    );
+    assert!(first["rows"].as_i64().is_some_and(|r| r > 0), "{first}");
 
     let all_pods = pods.list(&ListParams::default()).await?.items;
-    let trainer = pods_labelled(&all_pods, "job-name", "cf-train-now");
+    let trainer = pods_labelled(&all_pods, "job-name", &cf_job);
     assert_eq!(trainer.len(), 1, "cf-train ran once");
     assert_eq!(
         trainer[0]
@@ -539,7 +557,10 @@ async fn end_to_end(
     md["spec"]["model"] = json!(MODEL);
     md["spec"]["version"] = json!(version);
     md["spec"]["artifacts"] = json!({ "uri": store });
-    md["spec"]["strategy"] = json!({ "steps": [{ "full": {} }] });
+    md["spec"]["strategy"] = json!({
+        "steps": [{ "full": {} }],
+        "analysis": { "minOfflineMetricRatio": 0.98 }
+    });
     apply(&env, &[md])?;
     let mut scorer = examples("docs/examples/scorer.yaml", n)?;
     for o in &mut scorer {
@@ -598,6 +619,100 @@ async fn end_to_end(
     for p in &scorer_pods {
         assert_locked_down(&node, "scorer", p, true)?;
     }
+
+    // ---- cf-train hands new versions to the ModelDeployment: one below its threshold is
+    // registered and kept back, one that reaches it becomes spec.version.
+    let mds: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), n, &resource("ModelDeployment"));
+    let hand_off = json!({ "spec": {
+        "cfTrain": { "model": MODEL, "handOffTo": MODEL },
+        "parameters": { "regularization": "100000", "iterations": "1" }
+    }});
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "patch",
+            "batchjob",
+            "cf-train",
+            "--type=merge",
+            "-p",
+            &hand_off.to_string(),
+        ],
+    )?;
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "annotate",
+            "--overwrite",
+            "batchjob",
+            "cf-train",
+            "recsys.io/run=worse",
+        ],
+    )?;
+    let worse = next_run(&bjs, "cf-train", &cf_job, timeout).await?;
+    assert_eq!(worse["outcome"], json!("Succeeded"), "{worse}");
+    assert_eq!(
+        worse["handOff"]["outcome"],
+        json!("BelowThreshold"),
+        "{worse}"
+    );
+    assert!(
+        worse["handOff"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ratio") && m.contains(&version)),
+        "{worse}"
+    );
+    assert_eq!(
+        mds.get(MODEL).await?.data["spec"]["version"],
+        json!(version),
+        "kept back"
+    );
+
+    let better =
+        json!({ "spec": { "parameters": { "regularization": null, "iterations": "15" } } });
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "patch",
+            "batchjob",
+            "cf-train",
+            "--type=merge",
+            "-p",
+            &better.to_string(),
+        ],
+    )?;
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "annotate",
+            "--overwrite",
+            "batchjob",
+            "cf-train",
+            "recsys.io/run=better",
+        ],
+    )?;
+    let worse_job = worse["jobName"].as_str().unwrap_or_default().to_owned();
+    let good = next_run(&bjs, "cf-train", &worse_job, timeout).await?;
+    assert_eq!(good["handOff"]["outcome"], json!("HandedOff"), "{good}");
+    let new_version = good["version"].as_str().context("version")?.to_owned();
+    let md = mds.get(MODEL).await?;
+    assert_eq!(md.data["spec"]["version"], json!(new_version), "handed off");
+    assert!(
+        md.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|f| f.manager.as_deref() == Some("recsys-operator-handoff")),
+        "spec.version written by the hand-off's own field manager"
+    );
 
     eprintln!(
         "figures: helm install → operator ready {:.1}s; → first recommendation through the Service {:.1}s; whole test {:.1}s",

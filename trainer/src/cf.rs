@@ -15,6 +15,7 @@ use recsys_core::cf::interactions::{
 };
 use recsys_core::cf::search::{self, Grid, SearchResult};
 use recsys_core::events::{self, EventsError, FileFormat, PostgresEvents};
+use recsys_core::runs::Comparison;
 use recsys_core::stores::{self, PostgresArgs, S3Args, StoreError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -282,6 +283,14 @@ pub struct TrainArgs {
     /// Make the new version the champion.
     #[arg(long)]
     pub promote: bool,
+    /// Compare the new version's offline NDCG@k with this registered version's (the stable
+    /// version of the ModelDeployment the run hands off to; the operator sets it). The report
+    /// says whether it reaches `--min-metric-ratio` of it; the version is registered either way.
+    #[arg(long)]
+    pub compare_to: Option<String>,
+    /// Least ratio of the new version's NDCG@k to the `--compare-to` version's that passes.
+    #[arg(long, default_value_t = 1.0, requires = "compare_to")]
+    pub min_metric_ratio: f64,
     /// Write the run report (JSON) here, for the batch-job layer.
     #[arg(long, env = "RECSYS_REPORT_FILE")]
     pub report: Option<PathBuf>,
@@ -456,6 +465,8 @@ pub struct Report {
     pub baseline: Metrics,
     /// The search, when run.
     pub search: Option<SearchResult>,
+    /// Against `--compare-to`, when given.
+    pub comparison: Option<Comparison>,
 }
 
 fn digest(x: &Interactions) -> String {
@@ -634,6 +645,20 @@ pub async fn train(args: &TrainArgs) -> Result<Report, CfError> {
     if args.promote {
         registry.promote(&args.model_name, &version).await?;
     }
+    let comparison = match &args.compare_to {
+        Some(against) => Some(
+            compare(
+                &registry,
+                &args.model_name,
+                against,
+                metrics.ndcg,
+                k,
+                args.min_metric_ratio,
+            )
+            .await,
+        ),
+        None => None,
+    };
 
     let report = Report {
         model: args.model_name.clone(),
@@ -649,6 +674,7 @@ pub async fn train(args: &TrainArgs) -> Result<Report, CfError> {
         metrics,
         baseline,
         search,
+        comparison,
     };
     if let Some(path) = &args.report {
         let body = serde_json::to_vec_pretty(&report).unwrap_or_default();
@@ -659,6 +685,53 @@ pub async fn train(args: &TrainArgs) -> Result<Report, CfError> {
     }
     println!("{}", summary(&report));
     Ok(report)
+}
+
+/// The new version's NDCG@k against registered version `against`'s, from its manifest. A
+/// version that cannot be read, or was evaluated at another k, does not pass, and says why.
+async fn compare(
+    registry: &Registry,
+    model: &str,
+    against: &str,
+    ndcg: f64,
+    k: usize,
+    min_ratio: f64,
+) -> Comparison {
+    let mut c = Comparison {
+        against: against.to_owned(),
+        metric: format!("ndcg@{k}"),
+        value: ndcg,
+        against_value: None,
+        min_ratio,
+        passes: false,
+        note: None,
+    };
+    match registry.get_manifest(model, against).await {
+        // A version the registry never had (a placeholder to bootstrap a ModelDeployment) is
+        // nothing to be compared with; one it has but cannot read stops the hand-off.
+        Err(ArtifactError::VersionNotFound { .. }) => {
+            c.passes = true;
+            c.note = Some("it is not registered: nothing to compare with".into());
+        }
+        Err(e) => c.note = Some(format!("cannot read its manifest: {e}")),
+        Ok(m) => {
+            let their_k = m.metrics["k"].as_u64();
+            match (their_k, m.metrics["model"]["ndcg"].as_f64()) {
+                (Some(their_k), Some(v)) if their_k as usize == k => {
+                    c.against_value = Some(v);
+                    c.passes =
+                        c.ratio().is_some_and(|r| r >= min_ratio) || (v == 0.0 && ndcg > 0.0);
+                }
+                (Some(their_k), Some(_)) => {
+                    c.note = Some(format!(
+                        "it was evaluated at k={their_k}, this run at k={k}"
+                    ))
+                }
+                _ => c.note = Some("its manifest records no NDCG".into()),
+            }
+        }
+    }
+    c
 }
 
 trait WeightsJson {

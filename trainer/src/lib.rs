@@ -8,12 +8,20 @@
 //! `category-affinity` and `backfill` ([`features`]). `index-rebuild` and `data-quality`
 //! exist in the command line the operator calls and fail with exit code 2 saying they are not
 //! available yet.
+//!
+//! When `RECSYS_TERMINATION_MESSAGE_PATH` names a file (the operator sets the container's
+//! termination message path), a run ends by writing its [`RunSummary`] there: outcome, figures
+//! and the version a `cf-train` run registered, which the operator reads from the Pod status.
 
 pub mod cf;
+pub mod contract;
 pub mod features;
+
+use std::collections::BTreeMap;
 
 use clap::{Parser, Subcommand};
 use recsys_core::features::compute::Computation;
+use recsys_core::runs::{self, RunSummary};
 use recsys_core::telemetry::TelemetryArgs;
 
 /// Options of `recsys-trainer`.
@@ -117,30 +125,95 @@ impl JobError {
     }
 }
 
-async fn materialize(c: Computation, args: &features::MaterializeArgs) -> Result<(), JobError> {
-    features::materialize(c, args).await?;
-    Ok(())
+impl From<&cf::Report> for RunSummary {
+    fn from(r: &cf::Report) -> Self {
+        let mut metrics = BTreeMap::new();
+        for (prefix, m) in [("", &r.metrics), ("baseline.", &r.baseline)] {
+            let k = m.k;
+            for (name, value) in [
+                ("ndcg", m.ndcg),
+                ("precision", m.precision),
+                ("recall", m.recall),
+                ("map", m.map),
+                ("coverage", m.coverage),
+            ] {
+                metrics.insert(format!("{prefix}{name}@{k}"), value);
+            }
+        }
+        Self {
+            job: "cf-train".into(),
+            succeeded: true,
+            seconds: r.prepare_seconds + r.search_seconds + r.train_seconds,
+            rows: Some(r.interactions as u64),
+            model: Some(r.model.clone()),
+            version: r.version.clone(),
+            metrics,
+            comparison: r.comparison.clone(),
+            ..Default::default()
+        }
+    }
 }
 
-/// Runs one job.
-pub async fn run(job: &Job) -> Result<(), JobError> {
-    match job {
-        Job::CfTrain(args) => {
-            cf::train(args).await?;
-            Ok(())
+impl From<&features::JobReport> for RunSummary {
+    fn from(r: &features::JobReport) -> Self {
+        Self {
+            job: r.job.clone(),
+            succeeded: true,
+            seconds: r.seconds,
+            events: Some(r.events as u64),
+            rows: Some(r.versions.iter().map(|v| v.values).sum()),
+            ..Default::default()
         }
+    }
+}
+
+/// Runs one job; what it did, for the batch-job layer.
+pub async fn run(job: &Job) -> Result<RunSummary, JobError> {
+    Ok(match job {
+        Job::CfTrain(args) => (&cf::train(args).await?).into(),
         Job::Evaluate(args) => {
             cf::evaluate(args).await?;
-            Ok(())
+            RunSummary {
+                job: job.name().into(),
+                succeeded: true,
+                ..Default::default()
+            }
         }
-        Job::Popularity(args) => materialize(Computation::Popularity, args).await,
-        Job::Freshness(args) => materialize(Computation::Freshness, args).await,
-        Job::CategoryAffinity(args) => materialize(Computation::CategoryAffinity, args).await,
-        Job::Backfill(args) => {
-            features::backfill(args).await?;
-            Ok(())
+        Job::Popularity(args) => {
+            (&features::materialize(Computation::Popularity, args).await?).into()
         }
-        other => Err(JobError::NotAvailable(other.name())),
+        Job::Freshness(args) => {
+            (&features::materialize(Computation::Freshness, args).await?).into()
+        }
+        Job::CategoryAffinity(args) => {
+            (&features::materialize(Computation::CategoryAffinity, args).await?).into()
+        }
+        Job::Backfill(args) => (&features::backfill(args).await?).into(),
+        other => return Err(JobError::NotAvailable(other.name())),
+    })
+}
+
+/// The summary of a failed run.
+pub fn failure_summary(job: &Job, error: &JobError, seconds: f64) -> RunSummary {
+    RunSummary {
+        job: job.name().into(),
+        succeeded: false,
+        error_kind: Some(error.kind().into()),
+        message: Some(error.to_string()),
+        seconds,
+        ..Default::default()
+    }
+}
+
+/// Writes `summary` where the operator reads it (the container's termination message, named by
+/// [`runs::SUMMARY_PATH_ENV`]); nothing when that is unset. A failure to write is logged: the
+/// run's outcome stands, the operator then sees the log's tail instead.
+pub fn write_summary(summary: &RunSummary) {
+    let Some(path) = std::env::var_os(runs::SUMMARY_PATH_ENV) else {
+        return;
+    };
+    if let Err(e) = std::fs::write(&path, summary.to_message()) {
+        tracing::warn!(path = %std::path::Path::new(&path).display(), error = %e, "could not write the run summary");
     }
 }
 

@@ -10,14 +10,20 @@ async fn main() {
         eprintln!("recsys-trainer: {e}");
         std::process::exit(recsys_core::exit::NOT_RETRYABLE);
     }
-    if let Err(e) = recsys_trainer::run(&cli.job).await {
-        tracing::error!(
-            job = cli.job.name(),
-            kind = e.kind(),
-            error = &e as &dyn std::error::Error,
-            "job failed"
-        );
-        eprintln!("recsys-trainer {}: {e}", cli.job.name());
-        std::process::exit(e.exit_code());
+    let started = std::time::Instant::now();
+    match recsys_trainer::run(&cli.job).await {
+        Ok(summary) => recsys_trainer::write_summary(&summary),
+        Err(e) => {
+            tracing::error!(
+                job = cli.job.name(),
+                kind = e.kind(),
+                error = &e as &dyn std::error::Error,
+                "job failed"
+            );
+            eprintln!("recsys-trainer {}: {e}", cli.job.name());
+            let seconds = started.elapsed().as_secs_f64();
+            recsys_trainer::write_summary(&recsys_trainer::failure_summary(&cli.job, &e, seconds));
+            std::process::exit(e.exit_code());
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
@@ -37,7 +37,7 @@ pub const FIELD_MANAGER: &str = "recsys-operator";
 /// Requeue interval of a healthy object (periodic resync).
 pub(crate) const RESYNC: Duration = Duration::from_secs(300);
 /// Requeue interval while waiting for another object (a dependency, a referenced feature).
-const WAIT_FOR_DEPENDENCY: Duration = Duration::from_secs(15);
+pub(crate) const WAIT_FOR_DEPENDENCY: Duration = Duration::from_secs(15);
 
 /// Errors of a reconciliation.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,9 @@ pub enum Error {
     /// Deletion waits: other objects still depend on this one.
     #[error("{0}")]
     InUse(String),
+    /// A child cannot be built from the spec (validation should have refused it).
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
 }
 
 impl Error {
@@ -69,6 +72,7 @@ impl Error {
             Self::NoNamespace(_) => "NoNamespace",
             Self::Serialize(_) => "Serialize",
             Self::InUse(_) => "InUse",
+            Self::InvalidSpec(_) => "InvalidSpec",
         }
     }
 }
@@ -513,14 +517,30 @@ pub async fn run_all(
     let config = watcher::Config::default().any_semantic();
 
     let fd_controller = Controller::new(scope.api::<FeatureDefinition>(&client), config.clone());
-    let bj_controller = Controller::new(scope.api::<BatchJob>(&client), config.clone())
-        .owns(scope.api::<CronJob>(&client), watcher::Config::default())
+    let bj_controller = Controller::new(scope.api::<BatchJob>(&client), config.clone());
+    // A BatchJob's runs change with its Jobs; a job with `after` wakes when an upstream's
+    // status (its last run) changes.
+    let peers = bj_controller.store();
+    let bj_controller = bj_controller
         .watches(
             scope.api::<Job>(&client),
             watcher::Config::default().labels(batch_job::JOB_LABEL),
             |job| {
                 let owner = job.labels().get(batch_job::JOB_LABEL)?;
                 Some(ObjectRef::new(owner).within(&job.namespace()?))
+            },
+        )
+        .watches(
+            scope.api::<BatchJob>(&client),
+            config.clone(),
+            move |upstream| {
+                let (ns, name) = (upstream.namespace(), upstream.name_any());
+                peers
+                    .state()
+                    .into_iter()
+                    .filter(|d| d.namespace() == ns && d.spec.after.contains(&name))
+                    .map(|d| ObjectRef::from_obj(d.as_ref()))
+                    .collect::<Vec<_>>()
             },
         );
     let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config).owns(
