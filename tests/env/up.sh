@@ -425,8 +425,10 @@ if $PKI_CHANGED; then
 fi
 
 KUBECONFIG_FILE="$TESTENV_DIR/kubeconfig"
+# write_kubeconfig FILE CERT USER: a kubeconfig for the client certificate pki/CERT.{crt,key},
+# credentials embedded (the admin's, and the real node's kubelet and kube-proxy).
 write_kubeconfig() {
-	local tmp="$KUBECONFIG_FILE.tmp"
+	local tmp="$1.tmp"
 	cat >"$tmp" <<EOF
 apiVersion: v1
 kind: Config
@@ -436,22 +438,22 @@ clusters:
     server: https://127.0.0.1:$APISERVER_PORT
     certificate-authority-data: $(base64 -w0 <"$PKI_DIR/ca.crt")
 users:
-- name: recsys-admin
+- name: $3
   user:
-    client-certificate-data: $(base64 -w0 <"$PKI_DIR/admin.crt")
-    client-key-data: $(base64 -w0 <"$PKI_DIR/admin.key")
+    client-certificate-data: $(base64 -w0 <"$PKI_DIR/$2.crt")
+    client-key-data: $(base64 -w0 <"$PKI_DIR/$2.key")
 contexts:
 - name: recsys-testenv
   context:
     cluster: recsys-testenv
-    user: recsys-admin
+    user: $3
     namespace: default
 current-context: recsys-testenv
 EOF
 	chmod 600 "$tmp"
-	mv "$tmp" "$KUBECONFIG_FILE"
+	mv "$tmp" "$1"
 }
-write_kubeconfig
+write_kubeconfig "$KUBECONFIG_FILE" admin recsys-admin
 
 # =============================================================================
 # 5. PostgreSQL

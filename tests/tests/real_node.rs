@@ -148,6 +148,39 @@ async fn finished_run(
 }
 
 /// Pods of a Job, or (with `label` `recsys.io/batchjob`) of every Job of a BatchJob.
+/// Merges `patch` into BatchJob `name` and asks for a run with request `token`, as a user would
+/// with kubectl.
+fn rerun(env: &TestEnv, n: &str, name: &str, patch: &Value, token: &str) -> anyhow::Result<()> {
+    let patch = patch.to_string();
+    kubectl(
+        env,
+        &[
+            "-n",
+            n,
+            "patch",
+            "batchjob",
+            name,
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+    )?;
+    let request = format!("recsys.io/run={token}");
+    kubectl(
+        env,
+        &[
+            "-n",
+            n,
+            "annotate",
+            "--overwrite",
+            "batchjob",
+            name,
+            &request,
+        ],
+    )?;
+    Ok(())
+}
+
 /// The newest finished run of a BatchJob, as JSON.
 async fn latest_run(api: &Api<DynamicObject>, name: &str) -> anyhow::Result<Value> {
     let bj = api.get(name).await?;
@@ -628,31 +661,7 @@ async fn end_to_end(
         "cfTrain": { "model": MODEL, "handOffTo": MODEL },
         "parameters": { "regularization": "100000", "iterations": "1" }
     }});
-    kubectl(
-        &env,
-        &[
-            "-n",
-            n,
-            "patch",
-            "batchjob",
-            "cf-train",
-            "--type=merge",
-            "-p",
-            &hand_off.to_string(),
-        ],
-    )?;
-    kubectl(
-        &env,
-        &[
-            "-n",
-            n,
-            "annotate",
-            "--overwrite",
-            "batchjob",
-            "cf-train",
-            "recsys.io/run=worse",
-        ],
-    )?;
+    rerun(&env, n, "cf-train", &hand_off, "worse")?;
     let worse = next_run(&bjs, "cf-train", &cf_job, timeout).await?;
     assert_eq!(worse["outcome"], json!("Succeeded"), "{worse}");
     assert_eq!(
@@ -674,31 +683,7 @@ async fn end_to_end(
 
     let better =
         json!({ "spec": { "parameters": { "regularization": null, "iterations": "15" } } });
-    kubectl(
-        &env,
-        &[
-            "-n",
-            n,
-            "patch",
-            "batchjob",
-            "cf-train",
-            "--type=merge",
-            "-p",
-            &better.to_string(),
-        ],
-    )?;
-    kubectl(
-        &env,
-        &[
-            "-n",
-            n,
-            "annotate",
-            "--overwrite",
-            "batchjob",
-            "cf-train",
-            "recsys.io/run=better",
-        ],
-    )?;
+    rerun(&env, n, "cf-train", &better, "better")?;
     let worse_job = worse["jobName"].as_str().unwrap_or_default().to_owned();
     let good = next_run(&bjs, "cf-train", &worse_job, timeout).await?;
     assert_eq!(good["handOff"]["outcome"], json!("HandedOff"), "{good}");

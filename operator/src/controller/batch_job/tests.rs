@@ -365,6 +365,24 @@ fn a_scheduled_run_waiting_for_an_upstream_is_held_and_counted() {
     );
 }
 
+/// A Pod of Job `job` whose trainer container ended with `exit_code` and termination `message`.
+fn trainer_pod(
+    name: &str,
+    job: &str,
+    exit_code: i32,
+    finished: Option<&str>,
+    message: &str,
+) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name, "labels": { "job-name": job } },
+        "status": { "containerStatuses": [{
+            "name": CONTAINER, "image": "x", "imageID": "x", "ready": false, "restartCount": 0,
+            "state": { "terminated": { "exitCode": exit_code, "finishedAt": finished, "message": message } }
+        }]}
+    }))
+    .expect("pod fixture")
+}
+
 #[test]
 fn runs_come_from_jobs_with_the_trainers_figures() {
     let jobs: Vec<Job> = serde_yaml::from_str(
@@ -390,38 +408,29 @@ fn runs_come_from_jobs_with_the_trainers_figures() {
 "#,
     )
     .expect("jobs");
-    let pods: Vec<Pod> = serde_yaml::from_str(
-        r#"
-- metadata: { name: pop-1-a, labels: { job-name: pop-1 } }
-  status:
-    containerStatuses:
-      - name: trainer
-        image: x
-        imageID: x
-        ready: false
-        restartCount: 0
-        state: { terminated: { exitCode: 1, finishedAt: "2026-11-26T07:00:20Z", message: '{"job":"popularity","succeeded":false,"seconds":1.0}' } }
-- metadata: { name: pop-1-b, labels: { job-name: pop-1 } }
-  status:
-    containerStatuses:
-      - name: trainer
-        image: x
-        imageID: x
-        ready: false
-        restartCount: 0
-        state: { terminated: { exitCode: 0, finishedAt: "2026-11-26T07:00:59Z", message: '{"job":"popularity","succeeded":true,"seconds":12.4,"events":3000,"rows":60}' } }
-- metadata: { name: pop-2-a, labels: { job-name: pop-2 } }
-  status:
-    containerStatuses:
-      - name: trainer
-        image: x
-        imageID: x
-        ready: false
-        restartCount: 0
-        state: { terminated: { exitCode: 2, message: '{"job":"popularity","succeeded":false,"seconds":0.1,"errorKind":"Usage","message":"invalid option --window: \"ninety days\""}' } }
-"#,
-    )
-    .expect("pods");
+    let pods = vec![
+        trainer_pod(
+            "pop-1-a",
+            "pop-1",
+            1,
+            Some("2026-11-26T07:00:20Z"),
+            r#"{"job":"popularity","succeeded":false,"seconds":1.0}"#,
+        ),
+        trainer_pod(
+            "pop-1-b",
+            "pop-1",
+            0,
+            Some("2026-11-26T07:00:59Z"),
+            r#"{"job":"popularity","succeeded":true,"seconds":12.4,"events":3000,"rows":60}"#,
+        ),
+        trainer_pod(
+            "pop-2-a",
+            "pop-2",
+            2,
+            None,
+            r#"{"job":"popularity","succeeded":false,"seconds":0.1,"errorKind":"Usage","message":"invalid option --window: \"ninety days\""}"#,
+        ),
+    ];
     let runs = observe::runs(&jobs, &pods);
     let names: Vec<(&str, bool)> = runs
         .iter()
