@@ -791,6 +791,10 @@ pub fn summary(r: &Report) -> String {
     ));
     out.push_str(&line("novelty (bits)", m.novelty, b.novelty));
     out.push_str(&format!("users evaluated  {}\n", m.users));
+    if let Some(c) = &r.comparison {
+        let verdict = if c.passes { "passes" } else { "does not pass" };
+        out.push_str(&format!("\ncompared    {} ({verdict})\n", c.describe()));
+    }
     out
 }
 

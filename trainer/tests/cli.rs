@@ -351,3 +351,95 @@ async fn postgres_events_in_s3_registry_out() {
         }
     }
 }
+
+/// `--compare-to`: a second version compared with the first on NDCG@10, passing or not by
+/// `--min-metric-ratio`; a version the registry never had is nothing to compare with. The run
+/// summary (the Pod's termination message) carries the comparison and the version.
+#[test]
+fn versions_compare_with_a_registered_one_and_the_summary_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = dir.path().join("events.tsv");
+    write_tastes(&events);
+    let store = dir.path().join("store");
+    let train = |extra: &[&str], name: &str| {
+        let report_path = dir.path().join(format!("{name}.json"));
+        let summary_path = dir.path().join(format!("{name}.summary"));
+        let out = run(trainer()
+            .args([
+                "cf-train",
+                "--factors",
+                "8",
+                "--iterations",
+                "10",
+                "--alpha",
+                "5",
+                "--threads",
+                "2",
+            ])
+            .args(extra)
+            .arg("--events")
+            .arg(&events)
+            .arg("--store")
+            .arg(&store)
+            .arg("--report")
+            .arg(&report_path)
+            .env(recsys_core::runs::SUMMARY_PATH_ENV, &summary_path));
+        assert!(out.status.success(), "{}", text(&out));
+        let summary = std::fs::read_to_string(&summary_path).expect("summary written");
+        assert!(summary.len() <= recsys_core::runs::MAX_BYTES);
+        let summary = recsys_core::runs::RunSummary::parse(&summary).expect("a summary");
+        (report(&report_path), summary, text(&out))
+    };
+    let (first, s1, _) = train(&[], "first");
+    let v1 = first["version"].as_str().expect("version").to_owned();
+    assert_eq!(s1.version.as_deref(), Some(v1.as_str()));
+    assert!(s1.succeeded && s1.metrics["ndcg@10"] > 0.0, "{s1:?}");
+    assert_eq!(s1.comparison, None);
+
+    // The same data and settings: the same NDCG, ratio 1.
+    let (_, same, printed) = train(&["--compare-to", &v1, "--min-metric-ratio", "0.98"], "same");
+    let c = same.comparison.expect("compared");
+    assert_eq!(
+        (c.against.as_str(), c.metric.as_str()),
+        (v1.as_str(), "ndcg@10")
+    );
+    assert_eq!(c.against_value, Some(s1.metrics["ndcg@10"]));
+    assert!(
+        c.passes && (c.ratio().expect("ratio") - 1.0).abs() < 1e-9,
+        "{c:?}"
+    );
+    assert!(
+        printed.contains("compared") && printed.contains("(passes)"),
+        "{printed}"
+    );
+
+    // A much worse model does not pass; it is registered all the same.
+    let (worse, w, _) = train(
+        &[
+            "--regularization",
+            "100000",
+            "--compare-to",
+            &v1,
+            "--min-metric-ratio",
+            "0.98",
+        ],
+        "worse",
+    );
+    let c = w.comparison.expect("compared");
+    assert!(!c.passes && c.ratio().expect("ratio") < 0.98, "{c:?}");
+    assert!(worse["version"].is_string(), "registered anyway");
+
+    // A placeholder version: nothing to compare with, passes, says why.
+    let (_, p, _) = train(
+        &["--compare-to", "bootstrap", "--min-metric-ratio", "0.98"],
+        "placeholder",
+    );
+    let c = p.comparison.expect("compared");
+    assert!(
+        c.passes
+            && c.note
+                .as_deref()
+                .is_some_and(|n| n.contains("not registered")),
+        "{c:?}"
+    );
+}
