@@ -332,7 +332,9 @@ async fn crds_examples_rules_and_columns() -> anyhow::Result<()> {
     }
 
     // The seed's pipeline, as shipped: every object of docs/examples/pipeline is accepted by
-    // a server-side dry run (the Namespace aside: everything goes into the test's own).
+    // a server-side dry run (the Namespace aside: everything goes into a namespace of its own,
+    // since the examples above took some of the names).
+    let pipeline = TestNamespace::create(&env, &client, "pipeline").await?;
     let dir = recsys_tests::repo_root().join("docs/examples/pipeline");
     let mut files: Vec<_> = std::fs::read_dir(&dir)?
         .map(|e| e.map(|e| e.path()))
@@ -347,13 +349,13 @@ async fn crds_examples_rules_and_columns() -> anyhow::Result<()> {
             if kind == "Namespace" || v.is_null() {
                 continue;
             }
-            v["metadata"]["namespace"] = json!(ns.name);
+            v["metadata"]["namespace"] = json!(pipeline.name);
             let name = v["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
             let api: Api<DynamicObject> =
-                Api::namespaced_with(client.clone(), &ns.name, &resource(&kind));
+                Api::namespaced_with(client.clone(), &pipeline.name, &resource(&kind));
             api.create(
                 &PostParams {
                     dry_run: true,
