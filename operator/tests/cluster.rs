@@ -1194,6 +1194,27 @@ async fn batch_jobs_run_after_their_upstreams_and_hold_when_one_fails() -> anyho
         "{evs:?}"
     );
 
+    // activeDeadline bounds a run: a Pod that never ends (kwok holds it) fails the run.
+    apply(
+        &bjs,
+        "slow",
+        &body(
+            "slow",
+            "popularity",
+            &[],
+            json!({ "activeDeadline": "3s", "podLabels": { "recsys.io/kwok-hold": "true" } }),
+        ),
+    )
+    .await?;
+    bjs.patch("slow", &PatchParams::default(), &Patch::Merge(run("1")))
+        .await?;
+    wait_for(Duration::from_secs(60), "slow failed at its deadline", || async {
+        Ok(history("slow").await?.first().is_some_and(|r| r.outcome == RunOutcome::Failed))
+    })
+    .await?;
+    let slow = history("slow").await?;
+    assert!(slow[0].reason.contains("DeadlineExceeded"), "{:?}", slow[0]);
+
     let ns_label = format!("namespace=\"{}\"", ns.name);
     let metric = |name: &str, labels: &str| format!("{name}{{{ns_label},{labels}}}");
     let held_total = op

@@ -636,8 +636,9 @@ kwok_cmd() {
 		--node-lease-duration-seconds=40)
 }
 # kwokctl's stages plus ours (kwok/*.yaml); pod-complete leaves Pods labelled
-# recsys.io/kwok-exit-code to kwok/pod-fail-with-exit-code.yaml. The file is named by its
-# content, so a change restarts kwok.
+# recsys.io/kwok-exit-code to kwok/pod-fail-with-exit-code.yaml, and Pods labelled
+# recsys.io/kwok-hold running until deleted (for deadlines). The file is named by its content,
+# so a change restarts kwok.
 kwok_stages() {
 	awk '
 		/^  name: pod-complete$/ { in_complete = 1 }
@@ -645,6 +646,8 @@ kwok_stages() {
 		{ print }
 		in_complete && /^    matchExpressions:$/ {
 			print "    - key: \x27.metadata.labels.\"recsys.io/kwok-exit-code\"\x27"
+			print "    - operator: \x27DoesNotExist\x27"
+			print "    - key: \x27.metadata.labels.\"recsys.io/kwok-hold\"\x27"
 			print "    - operator: \x27DoesNotExist\x27"
 		}' "$KWOK_DIR/stages.yaml" | sed 's/^    - operator: /      operator: /'
 	local f
