@@ -1208,9 +1208,16 @@ async fn batch_jobs_run_after_their_upstreams_and_hold_when_one_fails() -> anyho
     .await?;
     bjs.patch("slow", &PatchParams::default(), &Patch::Merge(run("1")))
         .await?;
-    wait_for(Duration::from_secs(60), "slow failed at its deadline", || async {
-        Ok(history("slow").await?.first().is_some_and(|r| r.outcome == RunOutcome::Failed))
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "slow failed at its deadline",
+        || async {
+            Ok(history("slow")
+                .await?
+                .first()
+                .is_some_and(|r| r.outcome == RunOutcome::Failed))
+        },
+    )
     .await?;
     let slow = history("slow").await?;
     assert!(slow[0].reason.contains("DeadlineExceeded"), "{:?}", slow[0]);
