@@ -37,21 +37,34 @@ pub enum Gate {
     },
 }
 
-/// The gate of `after` for a job whose last run started at `since`.
-pub fn gate(after: &[String], upstreams: &[UpstreamState], since: Option<Timestamp>) -> Gate {
+/// The last run of this job: when its Job was created, and the upstream runs it consumed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Since<'a> {
+    /// Creation of the newest Job.
+    pub at: Option<Timestamp>,
+    /// What it consumed.
+    pub consumed: &'a [ConsumedRun],
+}
+
+/// The gate of `after` for a job whose last run is `since`. An upstream run counts when it
+/// finished after that run was created; Kubernetes times have whole seconds, so one that
+/// finished in the same second counts unless that run consumed it already.
+pub fn gate(after: &[String], upstreams: &[UpstreamState], since: Since<'_>) -> Gate {
     let mut consumed = vec![];
     for name in after {
         let state = upstreams.iter().find(|u| &u.name == name);
-        let newer = |t: &Timestamp| since.is_none_or(|s| *t > s);
+        let seen = |job: &str| since.consumed.iter().any(|c| c.job_name == job);
+        let newer =
+            |job: &str, t: &Timestamp| since.at.is_none_or(|s| *t > s || (*t == s && !seen(job)));
         match state.and_then(|u| u.last_success.as_ref()) {
-            Some((job, at)) if newer(at) => consumed.push(ConsumedRun {
+            Some((job, at)) if newer(job, at) => consumed.push(ConsumedRun {
                 batch_job: name.clone(),
                 job_name: job.clone(),
             }),
             _ => {
                 let failure = state
                     .and_then(|u| u.last_failure.as_ref())
-                    .filter(|(_, at, _)| newer(at))
+                    .filter(|(job, at, _)| newer(job, at))
                     .map(|(job, _, why)| (job.clone(), why.clone()));
                 return Gate::Waiting {
                     upstream: name.clone(),
@@ -134,7 +147,10 @@ pub fn plan(
         ..Default::default()
     };
     let exists = |job: &str| runs.iter().any(|r| r.job_name == job);
-    let since = runs.first().map(|r| r.created);
+    let since = Since {
+        at: runs.first().map(|r| r.created),
+        consumed: runs.first().map_or(&[], |r| r.consumed.as_slice()),
+    };
     let running: Vec<&RunView> = runs.iter().filter(|r| r.running()).collect();
     let gate_now = (!bj.spec.after.is_empty()).then(|| gate(&bj.spec.after, upstreams, since));
     plan.gate = gate_now.clone();

@@ -12,7 +12,7 @@ use recsys_crds::BatchJob;
 use recsys_crds::batch_job::{ConsumedRun, RunOutcome, RunTrigger};
 
 use super::observe::{self, UpstreamState};
-use super::plan::{self, Gate, RunRequest};
+use super::plan::{self, Gate, RunRequest, Since};
 use super::schedule::Schedule;
 use super::*;
 
@@ -248,7 +248,10 @@ fn upstream(
 #[test]
 fn the_gate_opens_when_every_upstream_succeeded_since_the_last_run() {
     let after = vec!["a".to_owned(), "b".to_owned()];
-    let since = Some(ts("2026-12-04T10:00:00Z"));
+    let since = Since {
+        at: Some(ts("2026-12-04T10:00:00Z")),
+        consumed: &[],
+    };
     let a = upstream("a", Some(("a-1", "2026-12-04T11:00:00Z")), None);
     let b_old = upstream("b", Some(("b-0", "2026-12-04T09:00:00Z")), None);
     assert_eq!(
@@ -286,8 +289,27 @@ fn the_gate_opens_when_every_upstream_succeeded_since_the_last_run() {
     );
     // Never ran: any success counts.
     assert!(matches!(
-        plan::gate(&after, &[a, b_old], None),
+        plan::gate(&after, &[a.clone(), b_old], Since::default()),
         Gate::Open(_)
+    ));
+    // Whole seconds: a success in the second the last run was created counts once, unless
+    // that run consumed it.
+    let same_second = upstream("b", Some(("b-3", "2026-12-04T10:00:00Z")), None);
+    assert!(matches!(
+        plan::gate(&after, &[a.clone(), same_second.clone()], since),
+        Gate::Open(_)
+    ));
+    let consumed = [ConsumedRun {
+        batch_job: "b".into(),
+        job_name: "b-3".into(),
+    }];
+    let after_it = Since {
+        consumed: &consumed,
+        ..since
+    };
+    assert!(matches!(
+        plan::gate(&after, &[a, same_second], after_it),
+        Gate::Waiting { .. }
     ));
 }
 
