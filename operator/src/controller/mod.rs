@@ -238,6 +238,8 @@ pub struct Context {
     pub jobs: Store<BatchJob>,
     /// How trainer Jobs are built.
     pub trainer: batch_job::TrainerSettings,
+    /// Finished BatchJob runs already reported.
+    pub reported_runs: batch_job::ReportedRuns,
     /// The feature registry FeatureDefinitions are recorded in, if any.
     pub registry: feature_definition::RegistrySettings,
 }
@@ -559,6 +561,7 @@ pub async fn run_all(
         features: fd_controller.store(),
         jobs: bj_controller.store(),
         trainer,
+        reported_runs: Default::default(),
         registry,
     });
 

@@ -84,6 +84,37 @@ pub struct TrainerSettings {
     pub tolerations: Vec<Toleration>,
 }
 
+/// Finished runs already reported (metrics, Events, hand-off), per BatchJob: the status written
+/// after reporting reaches the controller's cache a moment later, and a reconciliation in
+/// between must not report them again. Holds only runs whose Jobs still exist; after a restart
+/// the status history, read fresh, says the same.
+#[derive(Debug, Default)]
+pub struct ReportedRuns(std::sync::Mutex<BTreeMap<(String, String), Vec<String>>>);
+
+impl ReportedRuns {
+    /// The runs of `ns/name` reported before, forgetting those whose Jobs are gone.
+    fn take(&self, ns: &str, name: &str, existing: &[RunView]) -> Vec<String> {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let seen = map.entry((ns.to_owned(), name.to_owned())).or_default();
+        seen.retain(|j| existing.iter().any(|r| &r.job_name == j));
+        seen.clone()
+    }
+
+    /// Marks `job` of `ns/name` as reported.
+    fn add(&self, ns: &str, name: &str, job: &str) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.entry((ns.to_owned(), name.to_owned()))
+            .or_default()
+            .push(job.to_owned());
+    }
+}
+
 fn kube_err(e: kube::Error) -> Error {
     Error::Kube(e)
 }
@@ -278,7 +309,8 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
 
     // Observe: runs that finished since the last status.
     let before = bj.status.clone().unwrap_or_default();
-    let known: Vec<String> = before.history.iter().map(|r| r.job_name.clone()).collect();
+    let mut known: Vec<String> = before.history.iter().map(|r| r.job_name.clone()).collect();
+    known.extend(ctx.reported_runs.take(&ns, &name, &runs));
     for run in runs.iter_mut() {
         let Some(finished) = &run.finished else {
             continue;
@@ -286,6 +318,7 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
         if known.contains(&finished.job_name) {
             continue;
         }
+        ctx.reported_runs.add(&ns, &name, &finished.job_name);
         ctx.metrics.batch_run(&ns, &name, finished);
         let (type_, reason) = match finished.outcome {
             RunOutcome::Succeeded => (EventType::Normal, "RunSucceeded"),
