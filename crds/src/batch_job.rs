@@ -30,7 +30,7 @@ use crate::common::Duration;
     printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
     printcolumn(name = "Last Run", type_ = "date", json_path = ".status.history[0].finishedAt"),
     printcolumn(name = "Outcome", type_ = "string", json_path = ".status.history[0].outcome"),
-    printcolumn(name = "Next Run", type_ = "date", json_path = ".status.nextScheduleTime"),
+    printcolumn(name = "Next Run", type_ = "string", json_path = ".status.nextScheduleTime"),
     printcolumn(name = "Last Success", type_ = "date", json_path = ".status.lastSuccessfulTime"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")

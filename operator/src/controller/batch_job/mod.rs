@@ -330,6 +330,9 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
             finished.outcome.as_str().to_lowercase(),
             finished.attempts
         );
+        if let (Some(events), Some(rows)) = (finished.events, finished.rows) {
+            note.push_str(&format!("; {events} events read, {rows} rows written"));
+        }
         if let Some(v) = &finished.version {
             note.push_str(&format!("; registered version {v}"));
         }
