@@ -95,6 +95,23 @@ SW_DIR="$TESTENV_CACHE/seaweedfs-$SEAWEEDFS_VERSION-boto3-$BOTO3_VERSION"
 WEED_BIN="$SW_DIR/bin/weed"
 SW_PY="$SW_DIR/bin/python"
 
+# go_build MODULE OUT LDFLAGS WHAT: a static build of the Go module tests/env/MODULE into OUT,
+# with the versions its go.sum pins.
+go_build() {
+	(cd "$SCRIPT_DIR/$1" &&
+		CGO_ENABLED=0 GOTOOLCHAIN=local GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" \
+			go build -trimpath -ldflags "$3" -o "$2.tmp" .) ||
+		die "$4 build failed (cd tests/env/$1 && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build .)"
+	mv "$2.tmp" "$2"
+}
+
+# finish_build DIR START WHAT: records the build's time and marks the cache entry complete.
+finish_build() {
+	echo "$((SECONDS - $2))" >"$1/build-seconds"
+	touch "$1/.complete"
+	log "$3 built in $((SECONDS - $2))s"
+}
+
 build_controlplane() {
 	[[ -f "$CP_DIR/.complete" && -x "$K8S_BIN" ]] && return 0
 	need_go "the control plane"
@@ -104,14 +121,8 @@ build_controlplane() {
 	done
 	log "building control plane $v (k8s apiserver/controller-manager/scheduler/kubectl/etcd/kubelet/proxy) into $CP_DIR (about 7 min on 2 cores with a cold Go build cache)"
 	rm -rf "$CP_DIR" && mkdir -p "$CP_DIR/bin"
-	(cd "$SCRIPT_DIR/controlplane" &&
-		CGO_ENABLED=0 GOTOOLCHAIN=local GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" \
-			go build -trimpath -ldflags "$ld" -o "$K8S_BIN.tmp" .) ||
-		die "control plane build failed (cd tests/env/controlplane && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build .)"
-	mv "$K8S_BIN.tmp" "$K8S_BIN"
-	echo "$((SECONDS - t0))" >"$CP_DIR/build-seconds"
-	touch "$CP_DIR/.complete"
-	log "control plane built in $((SECONDS - t0))s"
+	go_build controlplane "$K8S_BIN" "$ld" "control plane"
+	finish_build "$CP_DIR" "$t0" "control plane"
 }
 
 build_kwok() {
@@ -133,9 +144,7 @@ build_kwok() {
 		echo "---"
 		cat "$src/kustomize/stage/$f"
 	done >"$KWOK_DIR/stages.yaml"
-	echo "$((SECONDS - t0))" >"$KWOK_DIR/build-seconds"
-	touch "$KWOK_DIR/.complete"
-	log "kwok built in $((SECONDS - t0))s"
+	finish_build "$KWOK_DIR" "$t0" kwok
 }
 
 build_helm() {
@@ -155,9 +164,7 @@ build_helm() {
 			-X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=$maj -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$min" \
 		"helm.sh/helm/v3/cmd/helm@$HELM_VERSION") ||
 		die "helm build failed: go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-	echo "$((SECONDS - t0))" >"$HELM_DIR/build-seconds"
-	touch "$HELM_DIR/.complete"
-	log "helm built in $((SECONDS - t0))s"
+	finish_build "$HELM_DIR" "$t0" helm
 }
 
 build_coredns() {
@@ -166,14 +173,8 @@ build_coredns() {
 	local t0=$SECONDS
 	log "building coredns $COREDNS_VERSION (the plugins the test cluster uses) into $COREDNS_DIR"
 	rm -rf "$COREDNS_DIR" && mkdir -p "$COREDNS_DIR/bin"
-	(cd "$SCRIPT_DIR/coredns" &&
-		CGO_ENABLED=0 GOTOOLCHAIN=local GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false" \
-			go build -trimpath -ldflags "-s -w" -o "$COREDNS_DIR/bin/coredns.tmp" .) ||
-		die "coredns build failed (cd tests/env/coredns && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build .)"
-	mv "$COREDNS_DIR/bin/coredns.tmp" "$COREDNS_DIR/bin/coredns"
-	echo "$((SECONDS - t0))" >"$COREDNS_DIR/build-seconds"
-	touch "$COREDNS_DIR/.complete"
-	log "coredns built in $((SECONDS - t0))s"
+	go_build coredns "$COREDNS_DIR/bin/coredns" "-s -w" coredns
+	finish_build "$COREDNS_DIR" "$t0" coredns
 }
 
 install_seaweedfs() {

@@ -148,6 +148,24 @@ async fn finished_run(
 }
 
 /// Pods of a Job, or (with `label` `recsys.io/batchjob`) of every Job of a BatchJob.
+/// `kubectl -n n create <what> --from-literal=k=v…`: the ConfigMaps and Secrets a user creates.
+fn create_from_literals(
+    env: &TestEnv,
+    n: &str,
+    what: &[&str],
+    pairs: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let literals: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("--from-literal={k}={v}"))
+        .collect();
+    let mut args = vec!["-n", n, "create"];
+    args.extend_from_slice(what);
+    args.extend(literals.iter().map(String::as_str));
+    kubectl(env, &args)?;
+    Ok(())
+}
+
 /// Merges `patch` into BatchJob `name` and asks for a run with request `token`, as a user would
 /// with kubectl.
 fn rerun(env: &TestEnv, n: &str, name: &str, patch: &Value, token: &str) -> anyhow::Result<()> {
@@ -326,56 +344,36 @@ async fn end_to_end(
     let cluster_db = node.database_url_for(db_name)?;
     let bucket = env.var("RECSYS_TEST_S3_BUCKET")?;
     let store = format!("s3://{bucket}/{n}");
-    kubectl(
+    let s3_region = env.var("RECSYS_TEST_S3_REGION")?.to_owned();
+    let prefix = n.replace('-', "_");
+    create_from_literals(
         &env,
+        n,
+        &["configmap", "recsys-config"],
         &[
-            "-n",
-            n,
-            "create",
-            "configmap",
-            "recsys-config",
-            &format!("--from-literal=RECSYS_REDIS_URL={}", node.redis_url),
-            &format!("--from-literal=RECSYS_REDIS_PREFIX={}", n.replace('-', "_")),
-            &format!("--from-literal=RECSYS_ARTIFACTS={store}"),
-            &format!("--from-literal=RECSYS_S3_ENDPOINT={}", node.s3_endpoint),
-            "--from-literal=RECSYS_S3_FORCE_PATH_STYLE=true",
-            &format!(
-                "--from-literal=RECSYS_S3_REGION={}",
-                env.var("RECSYS_TEST_S3_REGION")?
-            ),
+            ("RECSYS_REDIS_URL", &node.redis_url),
+            ("RECSYS_REDIS_PREFIX", &prefix),
+            ("RECSYS_ARTIFACTS", &store),
+            ("RECSYS_S3_ENDPOINT", &node.s3_endpoint),
+            ("RECSYS_S3_FORCE_PATH_STYLE", "true"),
+            ("RECSYS_S3_REGION", &s3_region),
         ],
     )?;
-    kubectl(
+    create_from_literals(
         &env,
+        n,
+        &["secret", "generic", "recsys-secrets"],
         &[
-            "-n",
-            n,
-            "create",
-            "secret",
-            "generic",
-            "recsys-secrets",
-            &format!("--from-literal=RECSYS_DATABASE_URL={cluster_db}"),
-            &format!(
-                "--from-literal=AWS_ACCESS_KEY_ID={}",
-                env.var("AWS_ACCESS_KEY_ID")?
-            ),
-            &format!(
-                "--from-literal=AWS_SECRET_ACCESS_KEY={}",
-                env.var("AWS_SECRET_ACCESS_KEY")?
-            ),
+            ("RECSYS_DATABASE_URL", &cluster_db),
+            ("AWS_ACCESS_KEY_ID", env.var("AWS_ACCESS_KEY_ID")?),
+            ("AWS_SECRET_ACCESS_KEY", env.var("AWS_SECRET_ACCESS_KEY")?),
         ],
     )?;
-    kubectl(
+    create_from_literals(
         &env,
-        &[
-            "-n",
-            n,
-            "create",
-            "secret",
-            "generic",
-            "recsys-registry",
-            &format!("--from-literal=database-url={cluster_db}"),
-        ],
+        n,
+        &["secret", "generic", "recsys-registry"],
+        &[("database-url", &cluster_db)],
     )?;
 
     // ---- helm install, with the images built here, everything on the real node.
