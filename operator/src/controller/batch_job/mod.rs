@@ -312,12 +312,15 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
     let mut known: Vec<String> = before.history.iter().map(|r| r.job_name.clone()).collect();
     known.extend(ctx.reported_runs.take(&ns, &name, &runs));
     for run in runs.iter_mut() {
+        match &run.finished {
+            Some(f) if !known.contains(&f.job_name) => {}
+            _ => continue,
+        }
+        // First, so that a failed hand-off leaves the run unreported and is tried again.
+        hand_off(&ctx, &bj, run, &jobs).await?;
         let Some(finished) = &run.finished else {
             continue;
         };
-        if known.contains(&finished.job_name) {
-            continue;
-        }
         ctx.reported_runs.add(&ns, &name, &finished.job_name);
         ctx.metrics.batch_run(&ns, &name, finished);
         let (type_, reason) = match finished.outcome {
@@ -340,7 +343,6 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
             note.push_str(&format!(": {}", finished.reason));
         }
         ctx.event(bj.as_ref(), type_, reason, note, "Run").await;
-        hand_off(&ctx, &bj, run, &jobs).await?;
     }
 
     // Collect finished Jobs beyond the history limit, with their Pods.
