@@ -32,10 +32,17 @@ use crate::common::Duration;
     printcolumn(name = "Candidate", type_ = "string", json_path = ".spec.version"),
     printcolumn(name = "Stage", type_ = "string", json_path = ".status.stage"),
     printcolumn(name = "Weight", type_ = "integer", json_path = ".status.canaryWeight"),
+    printcolumn(name = "Step", type_ = "integer", json_path = ".status.currentStep"),
     printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Progressing\")].message"
     ),
     printcolumn(
         name = "Age",
@@ -128,9 +135,36 @@ pub struct ScorerSpec {
     #[schemars(length(max = 512))]
     pub image: Option<String>,
 
-    /// Compute resources of the scorer container.
+    /// Compute resources of the scorer container. Default: requests 100m CPU and 256Mi,
+    /// limit 1Gi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Scale the scorer pods on CPU with a HorizontalPodAutoscaler; `replicas` is then only
+    /// the starting point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<ScorerAutoscaling>,
+}
+
+/// Autoscaling of the scorer pods on CPU.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]
+pub struct ScorerAutoscaling {
+    /// Fewest scorer pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Most scorer pods.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Average CPU use, in percent of the requested CPU, that the autoscaler aims at.
+    #[serde(default = "default_target_cpu")]
+    #[schemars(range(min = 1, max = 100))]
+    pub target_cpu_utilization: i32,
+}
+
+fn default_target_cpu() -> i32 {
+    70
 }
 
 fn default_replicas() -> i32 {
@@ -143,6 +177,7 @@ impl Default for ScorerSpec {
             replicas: default_replicas(),
             image: None,
             resources: None,
+            autoscaling: None,
         }
     }
 }
@@ -323,10 +358,31 @@ pub struct ModelDeploymentStatus {
     /// When the current step started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_started_at: Option<Time>,
+    /// In-cluster URL of the scorer Service (`http://<name>-scorer.<namespace>.svc`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_url: Option<String>,
+    /// The scorer pods as the operator last saw them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scorers: Option<ScorersStatus>,
     /// Past rollouts, newest first, at most 20.
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub history: Vec<RolloutRecord>,
+}
+
+/// The scorer pods behind the Service, as their `/v1/status` reports them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScorersStatus {
+    /// Pods behind the Service (ready or not).
+    pub pods: i32,
+    /// Ready pods.
+    pub ready: i32,
+    /// Ready pods with the stable version loaded.
+    pub with_stable: i32,
+    /// Ready pods with the candidate loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with_candidate: Option<i32>,
 }
 
 /// One finished rollout.

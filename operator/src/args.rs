@@ -88,6 +88,20 @@ pub struct Args {
     #[arg(long, env = "RECSYS_TRAINER_TOLERATIONS", value_parser = parse_tolerations, default_value = "[]")]
     pub trainer_tolerations: Tolerations,
 
+    /// Default container image of the scorer pods a ModelDeployment owns (its
+    /// `spec.scorer.image` overrides it). They read the same ConfigMap and Secret as the
+    /// trainer (`--trainer-config-map`, `--trainer-secret`) for the stores.
+    #[arg(long, env = "RECSYS_SCORER_IMAGE", default_value = concat!("ghcr.io/recsys-io/recsys-scorer:", env!("CARGO_PKG_VERSION")))]
+    pub scorer_image: String,
+
+    /// Node selector of scorer pods, as `key=value,key=value`.
+    #[arg(long, env = "RECSYS_SCORER_NODE_SELECTOR", value_parser = parse_node_selector, default_value = "")]
+    pub scorer_node_selector: NodeSelector,
+
+    /// Tolerations of scorer pods, as a JSON list of Kubernetes tolerations.
+    #[arg(long, env = "RECSYS_SCORER_TOLERATIONS", value_parser = parse_tolerations, default_value = "[]")]
+    pub scorer_tolerations: Tolerations,
+
     /// Postgres URL of the feature registry, for example `postgres://recsys@db:5432/recsys`.
     /// Every valid FeatureDefinition version is recorded there, and its status reports the
     /// registration and freshness. Without it definitions are validated only. The operator

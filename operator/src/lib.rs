@@ -40,10 +40,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         trainer_secret,
         trainer_node_selector,
         trainer_tolerations,
+        scorer_image,
+        scorer_node_selector,
+        scorer_tolerations,
         database_url,
         database_max_connections,
         registry_refresh_interval,
     } = args;
+    let scorer = controller::scorer::ScorerSettings {
+        image: scorer_image,
+        config_map: trainer_config_map.clone(),
+        secret: trainer_secret.clone(),
+        node_selector: scorer_node_selector.0,
+        tolerations: scorer_tolerations.0,
+    };
     let trainer = controller::batch_job::TrainerSettings {
         image: trainer_image,
         service_account: trainer_service_account,
@@ -114,6 +124,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         client.clone(),
                         scope.clone(),
                         trainer.clone(),
+                        scorer.clone(),
                         features.clone(),
                         metrics.clone(),
                         stop,
@@ -127,6 +138,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 client.clone(),
                 scope.clone(),
                 trainer.clone(),
+                scorer.clone(),
                 features.clone(),
                 metrics.clone(),
                 shutdown_rx.clone(),

@@ -28,6 +28,7 @@ use recsys_crds::feature_definition::Freshness;
 use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDeployment, Stage};
 use recsys_operator::controller::model_deployment::ROUTING_KEY;
 use recsys_scorer::recommend::cluster_routing::{ConfigMapRef, ConfigMapRoutingSource};
+use recsys_tests::scorers::HostScorers;
 use recsys_tests::{TestEnv, TestNamespace, example, install_crds, wait_for};
 use serde_json::json;
 
@@ -60,6 +61,7 @@ impl Operator {
                 &format!("--metrics-bind-address=127.0.0.1:{m}"),
                 &format!("--health-probe-bind-address=127.0.0.1:{p}"),
                 "--trainer-image=registry.invalid/recsys-trainer:test",
+                "--scorer-image=registry.invalid/recsys-scorer:test",
             ])
             .args(extra)
             .stdout(log.try_clone()?)
@@ -217,10 +219,49 @@ async fn conditions_generation_children_and_recovery_after_a_crash() -> anyhow::
     );
     assert_eq!(fd_status.registered_version, None);
     let bj = wait_conditions(&bjs, "popularity", "True", "True", "Scheduled").await?;
-    let md = wait_conditions(&mds, "als", "True", "True", "RoutingPublished").await?;
+    // The scorer workload is the ModelDeployment's: its pods land on the kwok node, which
+    // runs nothing, so no pod can say it has the version loaded: nothing is promoted, and Ready
+    // says why.
+    let md = wait_conditions(&mds, "als", "True", "False", "StableNotLoaded").await?;
+    let md_status = md.status.clone().unwrap_or_default();
+    assert_eq!(md_status.stable_version, None, "{md_status:?}");
+    assert_eq!(md_status.stage, Stage::Pending);
     assert_eq!(
-        md.status.and_then(|s| s.stable_version).as_deref(),
-        Some("20261126-0200")
+        md_status.service_url.as_deref(),
+        Some(format!("http://als-scorer.{}.svc", ns.name).as_str())
+    );
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), &ns.name);
+    let scorer = deployments.get("als-scorer").await?;
+    assert_eq!(
+        scorer.owner_references()[0].uid,
+        md.uid().unwrap_or_default()
+    );
+    assert_eq!(scorer.spec.as_ref().and_then(|s| s.replicas), Some(3));
+    let image = scorer
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers[0].image.clone());
+    assert_eq!(
+        image.as_deref(),
+        Some("registry.invalid/recsys-scorer:test")
+    );
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), &ns.name);
+    assert!(services.get_opt("als-scorer").await?.is_some());
+    let pdbs: Api<k8s_openapi::api::policy::v1::PodDisruptionBudget> =
+        Api::namespaced(client.clone(), &ns.name);
+    assert!(pdbs.get_opt("als-scorer").await?.is_some());
+    let routed = routing_of(
+        &Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+            .get("als-routing")
+            .await?,
+    )?;
+    assert_eq!(
+        routed.route("als").map(|r| r.stable().to_owned()),
+        Some("20261126-0200".to_owned()),
+        "the table names the version so that scorers load it"
     );
 
     // The operator runs the scheduled BatchJob itself: the next due time is in its status, and
@@ -790,10 +831,27 @@ async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow:
     .await?;
     assert!(source.current().is_empty(), "{}", source.current());
 
-    // The first version is stable at once, and the table routes every user to it.
+    // Scorers behind the ModelDeployment's Service, with both versions in their registry.
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    scorers.publish("als", "20261126-0200", 1).await?;
+    scorers.publish("als", "20261127-0200", 2).await?;
+
+    // The first version is stable once the scorers serve it, and the table routes every user
+    // to it.
     let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
     apply(&mds, "als", &body).await?;
-    let md = wait_conditions(&mds, "als", "True", "True", "RoutingPublished").await?;
+    let md = wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+    let scorers_seen = md
+        .status
+        .as_ref()
+        .and_then(|s| s.scorers.clone())
+        .context("scorers")?;
+    assert_eq!(
+        (scorers_seen.ready, scorers_seen.with_stable),
+        (2, 2),
+        "{scorers_seen:?}"
+    );
     let status = md.status.clone().unwrap_or_default();
     assert_eq!(status.stable_version.as_deref(), Some("20261126-0200"));
     assert_eq!(status.history.len(), 1, "{:?}", status.history);
@@ -854,6 +912,13 @@ async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow:
     // A hand-edited or deleted table is put back by the operator; meanwhile the scorer keeps
     // the last good table.
     let serving = source.current();
+    let ok_loads = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("routing_table_reloads_total{outcome=\"ok\"} "))
+            .map(str::to_owned)
+    };
+    let loaded_before = ok_loads(&loads(&metrics));
+    assert!(loaded_before.is_some(), "{}", loads(&metrics));
     cms.patch(
         "als-routing",
         &PatchParams::default(),
@@ -874,8 +939,8 @@ async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow:
         || async { Ok(cms.get_opt("als-routing").await?.is_some()) },
     )
     .await?;
-    // The scorer saw both bad states, refused them, and loaded exactly three tables: the
-    // first, the shadowed candidate and the new salt (the restored table is not a new one).
+    // The scorer saw both bad states, refused them, and loaded no table since (the restored
+    // table is the one it serves, not a new one).
     let refused = wait_for(WAIT, "the scorer to report the refused states", || async {
         let text = loads(&metrics);
         Ok(
@@ -886,8 +951,9 @@ async fn model_deployments_publish_the_routing_table_scorers_follow() -> anyhow:
     })
     .await;
     refused.with_context(|| loads(&metrics))?;
-    assert!(
-        loads(&metrics).contains("routing_table_reloads_total{outcome=\"ok\"} 3"),
+    assert_eq!(
+        ok_loads(&loads(&metrics)),
+        loaded_before,
         "{}",
         loads(&metrics)
     );
@@ -918,8 +984,13 @@ async fn a_rollout_moves_through_its_steps_and_the_table_follows() -> anyhow::Re
         (s.stage, s.canary_weight, progressing)
     };
 
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    scorers.publish("als", "v1", 1).await?;
+    scorers.publish("als", "v2", 2).await?;
+
     // Timed steps, a manual approval, no analysis thresholds.
     let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
     body["spec"]["version"] = json!("v1");
     body["spec"]["strategy"] = json!({"steps": [
         {"shadow": {"duration": "2s"}},
@@ -928,7 +999,7 @@ async fn a_rollout_moves_through_its_steps_and_the_table_follows() -> anyhow::Re
         {"full": {}}
     ]});
     apply(&mds, "als", &body).await?;
-    wait_conditions(&mds, "als", "True", "True", "RoutingPublished").await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
     assert_eq!(route().await?, ("v1".into(), None, None));
 
     body["spec"]["version"] = json!("v2");
@@ -1249,5 +1320,91 @@ async fn batch_jobs_run_after_their_upstreams_and_hold_when_one_fails() -> anyho
         ))
         .await?;
     assert!(last.is_some_and(|t| t > 1.7e9), "{last:?}");
+    Ok(())
+}
+
+/// A candidate the scorer pods cannot load (no such version in the registry, or a file whose
+/// checksum fails) is never routed: the rollout waits in Pending with the pod's reason, no user
+/// is sent to it, and it proceeds by itself once a good version is published under the name.
+#[tokio::test]
+async fn a_version_the_scorers_refuse_is_never_routed() -> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-refuse").await?;
+    let _op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    scorers.publish("als", "v1", 1).await?;
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["strategy"] = json!({"steps": [{"canary": {"weight": 50}}, {"pause": {}}]});
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+
+    let progressing = |md: &ModelDeployment| {
+        md.status
+            .as_ref()
+            .and_then(|s| find_condition(&s.conditions, "Progressing").cloned())
+            .map(|c| (c.reason, c.message))
+            .unwrap_or_default()
+    };
+    let canary = || async {
+        let t = routing_of(&cms.get("als-routing").await?)?;
+        anyhow::Ok(
+            t.route("als")
+                .and_then(|r| r.canary().map(|c| (c.version().to_owned(), c.weight()))),
+        )
+    };
+
+    // Not in the registry at all.
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "v2 refused", || async {
+        Ok(progressing(&mds.get("als").await?).0 == "CandidateRefused")
+    })
+    .await?;
+    let md = mds.get("als").await?;
+    let (_, message) = progressing(&md);
+    assert!(message.contains("no version or alias \"v2\""), "{message}");
+    assert_eq!(
+        md.status.as_ref().map(|s| (s.stage, s.canary_weight)),
+        Some((Stage::Pending, 0))
+    );
+    assert_eq!(
+        canary().await?,
+        Some(("v2".into(), 0)),
+        "named for loading, no user on it"
+    );
+
+    // Another version, published with a corrupt file (before anything names it, so no scorer
+    // could have loaded it intact): refused on its checksum.
+    scorers.publish("als", "v3", 3).await?;
+    let store = scorers.registry.store().clone();
+    let key = "models/als/v3/item_factors.f32";
+    let good = store.get(key).await?.context("item factors")?;
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0xff;
+    store.put(key, bad).await?;
+    body["spec"]["version"] = json!("v3");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "v3 refused on its checksum", || async {
+        let (reason, message) = progressing(&mds.get("als").await?);
+        Ok(reason == "CandidateRefused" && message.contains("sha256"))
+    })
+    .await?;
+    assert_eq!(canary().await?, Some(("v3".into(), 0)));
+
+    // Repaired: the scorers load it and the rollout goes on by itself, to the canary and the
+    // pause that waits for approval.
+    store.put(key, good).await?;
+    wait_for(WAIT, "v3 at 50% once loaded", || async {
+        let md = mds.get("als").await?;
+        Ok(progressing(&md).0 == "AwaitingApproval")
+    })
+    .await?;
+    assert_eq!(canary().await?, Some(("v3".into(), 50)));
+    let s = mds.get("als").await?.status.unwrap_or_default();
+    assert_eq!(s.scorers.and_then(|f| f.with_candidate), Some(2));
     Ok(())
 }

@@ -390,10 +390,25 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/v1/status", get(scorer_status))
         .route("/openapi.json", get(|| async { Json(openapi()) }))
         .route("/metrics", get(metrics_text))
         .with_state(state)
         .merge(api)
+}
+
+/// The versions this scorer holds (`GET /v1/status`): what the operator reads from every pod
+/// before it moves traffic. Empty when recommendations are not served.
+async fn scorer_status(
+    State(state): State<AppState>,
+) -> Json<recsys_core::serving::fleet::ScorerStatus> {
+    Json(
+        state
+            .recommend
+            .as_ref()
+            .map(|r| r.recommender.models().snapshot().report())
+            .unwrap_or_default(),
+    )
 }
 
 async fn not_found(request: Request) -> HttpError {

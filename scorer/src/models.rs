@@ -150,6 +150,46 @@ impl ModelSnapshot {
         self.table.is_some() && self.missing.is_empty()
     }
 
+    /// What `GET /v1/status` reports: the table's revision, every loaded name, refusals and
+    /// models without a stable version.
+    pub fn report(&self) -> recsys_core::serving::fleet::ScorerStatus {
+        use recsys_core::serving::fleet::{
+            LoadedVersion, MissingModel, RefusedVersion, ScorerStatus,
+        };
+        let mut loaded: Vec<LoadedVersion> = self
+            .models
+            .iter()
+            .map(|((model, name), m)| LoadedVersion {
+                model: model.clone(),
+                name: name.clone(),
+                version: m.version().to_owned(),
+                offline_ndcg: m.offline_ndcg(),
+            })
+            .collect();
+        loaded.sort_by(|a, b| (&a.model, &a.name).cmp(&(&b.model, &b.name)));
+        ScorerStatus {
+            routing_revision: self.table.as_ref().map(|t| t.revision().to_owned()),
+            loaded,
+            refused: self
+                .refused
+                .iter()
+                .map(|(model, name, reason)| RefusedVersion {
+                    model: model.clone(),
+                    name: name.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
+            missing: self
+                .missing
+                .iter()
+                .map(|(model, reason)| MissingModel {
+                    model: model.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// Loaded versions, deduplicated, as `(model, version)`.
     pub fn loaded(&self) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = self
@@ -486,6 +526,40 @@ mod tests {
         // Anonymous requests go to stable.
         let anon = snap.resolve("als", None).expect("anonymous");
         assert_eq!(anon.variant, Variant::Stable);
+    }
+
+    #[tokio::test]
+    async fn the_status_report_names_what_is_loaded_and_what_was_refused() {
+        let f = fixture().await;
+        assert_eq!(
+            f.manager.snapshot().report(),
+            Default::default(),
+            "nothing before the first sync"
+        );
+        f.source.replace(table(
+            "formatVersion: 1\nmodels:\n  als:\n    stable: v1\n    canary: {version: v2, weight: 0}\n    shadow: v9\n",
+        ));
+        f.manager.sync().await;
+        let report = f.manager.snapshot().report();
+        assert!(
+            report
+                .routing_revision
+                .as_deref()
+                .is_some_and(|r| r.starts_with("sha256:"))
+        );
+        let loaded: Vec<(&str, &str)> = report
+            .loaded
+            .iter()
+            .map(|l| (l.name.as_str(), l.version.as_str()))
+            .collect();
+        assert_eq!(loaded, [("v1", "v1"), ("v2", "v2")], "{report:?}");
+        assert!(
+            report.has("als", "v2"),
+            "a weight-0 canary is loaded ahead of traffic"
+        );
+        let why = report.refusal("als", "v9").expect("v9 refused");
+        assert!(why.contains("v9"), "{why}");
+        assert!(report.missing.is_empty());
     }
 
     #[tokio::test]

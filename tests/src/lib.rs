@@ -18,6 +18,7 @@ use tokio::sync::OnceCell;
 
 pub mod real_node;
 pub mod recommend;
+pub mod scorers;
 pub mod venv;
 
 pub use venv::Venv;

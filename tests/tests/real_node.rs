@@ -380,6 +380,7 @@ async fn end_to_end(
     let release = format!("recsys-{}", n.rsplit('-').next().unwrap_or("e2e"));
     let (op_repo, op_tag) = node.operator_image.rsplit_once(':').context("image tag")?;
     let (tr_repo, tr_tag) = node.trainer_image.rsplit_once(':').context("image tag")?;
+    let (sc_repo, sc_tag) = node.scorer_image.rsplit_once(':').context("image tag")?;
     let selector = node.node_selector().to_string();
     let tolerations = node.tolerations().to_string();
     let chart = repo_root().join("charts/recsys");
@@ -402,6 +403,10 @@ async fn end_to_end(
         "--set",
         &format!("trainer.image.tag={tr_tag}"),
         "--set",
+        &format!("scorer.image.repository={sc_repo}"),
+        "--set",
+        &format!("scorer.image.tag={sc_tag}"),
+        "--set",
         &format!("operator.watchNamespace={n}"),
         "--set",
         "registry.databaseSecret.name=recsys-registry",
@@ -415,6 +420,10 @@ async fn end_to_end(
         &format!("trainer.nodeSelector={selector}"),
         "--set-json",
         &format!("trainer.tolerations={tolerations}"),
+        "--set-json",
+        &format!("scorer.nodeSelector={selector}"),
+        "--set-json",
+        &format!("scorer.tolerations={tolerations}"),
     ]))?;
     let operator_ready = install_started.elapsed();
     let pods: Api<Pod> = Api::namespaced(client.clone(), n);
@@ -583,47 +592,86 @@ async fn end_to_end(
         "the trainer says what is wrong:\n{logs}"
     );
 
-    // ---- a ModelDeployment routes the new version; the scorer from docs serves it.
+    // ---- a ModelDeployment serves the new version: the operator runs its scorer pods, which
+    // load the version from the artifact store with credentials from the Secret it names.
+    create_from_literals(
+        &env,
+        n,
+        &["secret", "generic", "recsys-s3"],
+        &[
+            ("AWS_ACCESS_KEY_ID", env.var("AWS_ACCESS_KEY_ID")?),
+            ("AWS_SECRET_ACCESS_KEY", env.var("AWS_SECRET_ACCESS_KEY")?),
+        ],
+    )?;
     let mut md = recsys_tests::example("ModelDeployment", n)?;
     md["spec"]["model"] = json!(MODEL);
     md["spec"]["version"] = json!(version);
-    md["spec"]["artifacts"] = json!({ "uri": store });
+    md["spec"]["artifacts"] = json!({
+        "uri": store,
+        "endpoint": node.s3_endpoint,
+        "region": s3_region,
+        "forcePathStyle": true,
+        "credentialsSecret": "recsys-s3"
+    });
+    md["spec"]["scorer"] = json!({ "replicas": 2 });
     md["spec"]["strategy"] = json!({
-        "steps": [{ "full": {} }],
+        "steps": [{ "canary": { "weight": 50 } }, { "full": {} }],
         "analysis": { "minOfflineMetricRatio": 0.98 }
     });
     apply(&env, &[md])?;
-    let mut scorer = examples("docs/examples/scorer.yaml", n)?;
-    for o in &mut scorer {
-        if o["kind"] == json!("Deployment") {
-            o["spec"]["template"]["spec"]["containers"][0]["image"] = json!(node.scorer_image);
-            node.place(&mut o["spec"]["template"]["spec"]);
-        }
-    }
-    apply(&env, &scorer)?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
+    let mds: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), n, &resource("ModelDeployment"));
+    let scorer_name = format!("{MODEL}-scorer");
     wait_for(
         Duration::from_secs(180),
-        "the scorer Deployment's pods ready (the routed version loaded)",
+        "the ModelDeployment Ready: its scorer pods serve the version",
         || async {
-            let d = deployments.get("recsys-scorer").await?;
-            let s = d.status.unwrap_or_default();
-            Ok(s.ready_replicas == Some(2) && s.updated_replicas == Some(2))
+            let md = mds.get(MODEL).await?;
+            let ready = md.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            Ok(ready && md.data["status"]["stableVersion"] == json!(version))
         },
     )
     .await
     .map_err(|e| {
         let logs = kubectl(
             &env,
-            &["-n", n, "logs", "deploy/recsys-scorer", "--tail=30"],
+            &[
+                "-n",
+                n,
+                "logs",
+                &format!("deploy/{scorer_name}"),
+                "--tail=30",
+            ],
         )
         .unwrap_or_default();
-        anyhow::anyhow!("{e:#}\nscorer logs:\n{logs}")
+        let status = kubectl(
+            &env,
+            &["-n", n, "get", "modeldeployment", MODEL, "-o", "yaml"],
+        )
+        .unwrap_or_default();
+        anyhow::anyhow!("{e:#}\nscorer logs:\n{logs}\n{status}")
     })?;
+    let md_status = mds.get(MODEL).await?.data["status"].clone();
+    assert_eq!(
+        md_status["serviceUrl"],
+        json!(format!("http://{scorer_name}.{n}.svc")),
+        "{md_status}"
+    );
+    assert_eq!(md_status["scorers"]["withStable"], json!(2), "{md_status}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), n);
+    let scorer_deployment = deployments.get(&scorer_name).await?;
+    assert_eq!(
+        scorer_deployment.status.and_then(|s| s.ready_replicas),
+        Some(2)
+    );
 
     // ---- a recommendation through the Service, by its DNS name, from a Pod on the node.
     let url =
-        format!("http://recsys-scorer.{n}.svc.cluster.local/v1/recommendations?user_id=u7&k=5");
+        format!("http://{scorer_name}.{n}.svc.cluster.local/v1/recommendations?user_id=u7&k=5");
     let (code, body) = node
         .toolbox_run(
             &env,
@@ -653,8 +701,6 @@ async fn end_to_end(
 
     // ---- cf-train hands new versions to the ModelDeployment: one below its threshold is
     // registered and kept back, one that reaches it becomes spec.version.
-    let mds: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), n, &resource("ModelDeployment"));
     let hand_off = json!({ "spec": {
         "cfTrain": { "model": MODEL, "handOffTo": MODEL },
         "parameters": { "regularization": "100000", "iterations": "1" }
@@ -696,6 +742,43 @@ async fn end_to_end(
             .any(|f| f.manager.as_deref() == Some("recsys-operator-handoff")),
         "spec.version written by the hand-off's own field manager"
     );
+
+    // ---- the handed-off version rolls out by itself: every scorer pod loads it, its offline
+    // NDCG@10 passes the ratio, 50% of users, then everyone; the history keeps both.
+    wait_for(
+        Duration::from_secs(120),
+        &format!("{new_version} promoted"),
+        || async {
+            let s = mds.get(MODEL).await?.data["status"].clone();
+            Ok(s["stableVersion"] == json!(new_version) && s["stage"] == json!("Promoted"))
+        },
+    )
+    .await
+    .map_err(|e| {
+        let status = kubectl(
+            &env,
+            &["-n", n, "get", "modeldeployment", MODEL, "-o", "yaml"],
+        )
+        .unwrap_or_default();
+        anyhow::anyhow!("{e:#}\n{status}")
+    })?;
+    let history = mds.get(MODEL).await?.data["status"]["history"].clone();
+    assert_eq!(history[0]["version"], json!(new_version), "{history}");
+    assert_eq!(history[1]["version"], json!(version), "{history}");
+    let (code, body) = node
+        .toolbox_run(
+            &env,
+            client,
+            n,
+            "client-after",
+            &["wget", "-q", "-O", "-", &url],
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(code, 0, "wget {url}: {body}");
+    let answer: Value =
+        serde_json::from_str(body.trim()).with_context(|| format!("not JSON: {body}"))?;
+    assert_eq!(answer["version"], json!(new_version), "{answer}");
 
     eprintln!(
         "figures: helm install → operator ready {:.1}s; → first recommendation through the Service {:.1}s; whole test {:.1}s",
@@ -756,8 +839,11 @@ async fn real_node_pods_get_cluster_dns_and_services_and_nothing_else() -> anyho
     let node = RealNode::from_env(&env)?;
     let client = env.client().await?;
     let ns = TestNamespace::create(&env, &client, "net").await?;
+    // One stream: the kubelet reads stdout and stderr through separate pipes, so a late
+    // stderr line from nslookup could otherwise land after `done`.
     let script = format!(
-        "nslookup kubernetes.default.svc.cluster.local && \
+        "exec 2>&1; \
+         nslookup kubernetes.default.svc.cluster.local && \
          nslookup postgres.recsys-testenv.svc.cluster.local && \
          echo PING | nc -w 3 {redis} && \
          if nslookup -timeout=2 example.com; then echo OUTSIDE-NAME-RESOLVED; fi; \

@@ -81,6 +81,8 @@ pub struct ServingModel {
     xtx: Vec<f32>,
     confidence: Confidence,
     weights: EventWeights,
+    /// NDCG@10 on the version's held-out split, from its manifest (`metrics.model["ndcg@10"]`).
+    offline_ndcg: Option<f64>,
 }
 
 /// Reads the confidence and event weights the model was trained with from its manifest
@@ -165,6 +167,7 @@ impl ServingModel {
         let yty = als::gram(item_factors.view(), regularization);
         let xtx = als::gram(user_factors.view(), regularization);
         let (confidence, weights) = training_prep(&manifest.params);
+        let offline_ndcg = manifest.metrics["model"]["ndcg@10"].as_f64();
         Ok(Self {
             name,
             version,
@@ -176,7 +179,13 @@ impl ServingModel {
             xtx,
             confidence,
             weights,
+            offline_ndcg,
         })
+    }
+
+    /// NDCG@10 on the version's held-out split as its manifest records it, if it does.
+    pub fn offline_ndcg(&self) -> Option<f64> {
+        self.offline_ndcg
     }
 
     /// Model name.

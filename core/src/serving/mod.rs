@@ -5,5 +5,9 @@
 //!   watched file in local mode, a fixed table for tests and embedded defaults; the in-cluster
 //!   source written by the operator implements the same [`routing::RoutingSource`] trait).
 
+//! - [`fleet`]: what a scorer reports about the versions it holds (`GET /v1/status`), and
+//!   what the operator concludes from every scorer pod's report.
+
+pub mod fleet;
 pub mod routing;
 pub mod users;

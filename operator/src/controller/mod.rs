@@ -2,8 +2,10 @@
 
 pub mod batch_job;
 pub mod feature_definition;
+pub mod fleet;
 pub mod model_deployment;
 pub mod rollout;
+pub mod scorer;
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -238,6 +240,8 @@ pub struct Context {
     pub jobs: Store<BatchJob>,
     /// How trainer Jobs are built.
     pub trainer: batch_job::TrainerSettings,
+    /// How scorer workloads are built.
+    pub scorer: scorer::ScorerSettings,
     /// Finished BatchJob runs already reported.
     pub reported_runs: batch_job::ReportedRuns,
     /// The feature registry FeatureDefinitions are recorded in, if any.
@@ -509,6 +513,7 @@ pub async fn run_all(
     client: Client,
     scope: Scope,
     trainer: batch_job::TrainerSettings,
+    scorer_settings: scorer::ScorerSettings,
     registry: feature_definition::RegistrySettings,
     metrics: Arc<Metrics>,
     stop: watch::Receiver<bool>,
@@ -545,10 +550,17 @@ pub async fn run_all(
                     .collect::<Vec<_>>()
             },
         );
-    let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config).owns(
-        scope.api::<ConfigMap>(&client),
-        watcher::Config::default().labels(model_deployment::ROUTING_LABEL),
-    );
+    // A ModelDeployment looks again when its routing table is edited and when its scorer
+    // Deployment changes (pods becoming ready or not).
+    let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config)
+        .owns(
+            scope.api::<ConfigMap>(&client),
+            watcher::Config::default().labels(model_deployment::ROUTING_LABEL),
+        )
+        .owns(
+            scope.api::<k8s_openapi::api::apps::v1::Deployment>(&client),
+            watcher::Config::default().labels(scorer::SCORER_LABEL),
+        );
 
     let reporter = Reporter {
         controller: FIELD_MANAGER.into(),
@@ -561,6 +573,7 @@ pub async fn run_all(
         features: fd_controller.store(),
         jobs: bj_controller.store(),
         trainer,
+        scorer: scorer_settings,
         reported_runs: Default::default(),
         registry,
     });

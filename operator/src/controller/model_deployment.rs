@@ -1,18 +1,21 @@
-//! ModelDeployment controller: validates the spec beyond the schema, keeps status
-//! (conditions, observedGeneration, stable and candidate versions, history) and publishes the
-//! model's routing table in a ConfigMap that the scorer pods watch
-//! (`scorer --routing-configmap <name>-routing`).
+//! ModelDeployment controller, in steps:
 //!
-//! What this version does and does not do:
-//! - The first version of a model has nothing to be compared with, so it becomes stable at
-//!   once (as Argo Rollouts and Flagger do with an initial deployment), and the routing table
-//!   sends every user to it. `Ready` is then True with reason `RoutingPublished`.
-//! - A later version is rolled out through the steps ([`super::rollout`]); the table follows
-//!   each step and the controller looks again when a timed step ends. Analysis is not checked
-//!   yet: a strategy with thresholds holds before giving the candidate users
-//!   (`AnalysisUnavailable`), and there is no automatic rollback.
-//! - The scorer Deployment, Service and PodDisruptionBudget are not created yet; scorer pods
-//!   started by other means serve the table.
+//! 1. **validate** the spec beyond the schema ([`validate`]);
+//! 2. **apply the scorer workload** it owns ([`super::scorer`]): ServiceAccount, Role,
+//!    RoleBinding, Deployment, Service, PodDisruptionBudget and the optional autoscaler;
+//! 3. **observe** the scorer pods behind the Service ([`super::fleet`]): which versions each has
+//!    loaded and verified, or refused and why;
+//! 4. **decide** the status, a pure function of the spec, the old status, the pods and the time
+//!    ([`desired_status`], [`super::rollout::advance`]);
+//! 5. **publish** the routing table the scorer pods watch (`<name>-routing`), then the status.
+//!
+//! - A version is routed only once the scorer pods have it loaded: the first version becomes
+//!   stable when every ready pod serves it (`InitialVersion`); a version a pod refused (missing
+//!   manifest, failed checksum) is never promoted and the conditions quote the pod's reason.
+//! - `Ready` means at least one ready scorer pod serves the stable version; its message gives
+//!   the Service URL.
+//! - Analysis is not checked yet: a strategy with thresholds holds before giving the candidate
+//!   users (`AnalysisUnavailable`), and there is no automatic rollback.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,15 +26,20 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
+use recsys_core::serving::fleet::{Fleet, VersionState};
 use recsys_core::serving::routing::{
     CanaryDocument, FORMAT_VERSION, RouteDocument, RoutingDocument, RoutingTable,
 };
 use recsys_crds::common::READY;
 use recsys_crds::common::{self, ConditionStatus};
+use recsys_crds::model_deployment::ScorersStatus;
 use recsys_crds::{ModelDeployment, ModelDeploymentStatus, Stage};
 use tracing::instrument;
 
-use super::{Assessment, Context, Error, FIELD_MANAGER, Problem, rollout, stamped, write_status};
+use super::{
+    Assessment, Context, Error, FIELD_MANAGER, Problem, fleet, rollout, scorer, stamped,
+    write_status,
+};
 
 /// Key of the routing table in its ConfigMap (what `scorer --routing-configmap-key` defaults to).
 pub const ROUTING_KEY: &str = "routing.yaml";
@@ -39,6 +47,8 @@ pub const ROUTING_KEY: &str = "routing.yaml";
 pub const ROUTING_LABEL: &str = "recsys.io/routing-for";
 /// Condition: a rollout is under way (or waiting to be).
 pub const PROGRESSING: &str = "Progressing";
+/// Condition: the last rollout failed its analysis and was rolled back.
+pub const DEGRADED: &str = "Degraded";
 
 /// Name of the ConfigMap holding the routing table of `md`.
 pub fn routing_configmap_name(md: &ModelDeployment) -> String {
@@ -101,16 +111,14 @@ pub fn validate(md: &ModelDeployment) -> Vec<Problem> {
     problems
 }
 
-/// Assessment of a ModelDeployment: the spec's problems, and readiness once its routing table
-/// is published (the message is completed by [`desired_status`]).
+/// Assessment of a ModelDeployment's spec. Readiness depends on the scorer pods and is
+/// decided by [`desired_status`].
 pub fn assess(md: &ModelDeployment) -> Assessment {
     let problems = validate(md);
     if !problems.is_empty() {
         return Assessment::invalid(problems);
     }
-    // The message describes the table, which depends on the new status: `desired_status`
-    // writes it.
-    Assessment::accepted(ConditionStatus::True, "RoutingPublished", String::new())
+    Assessment::accepted(ConditionStatus::Unknown, "Observing", String::new())
 }
 
 /// What the routing table of `md` says, for the Ready condition.
@@ -126,18 +134,62 @@ fn routing_message(md: &ModelDeployment, status: &ModelDeploymentStatus) -> Stri
         ),
         _ => String::new(),
     };
+    let pods = status.scorers.as_ref().map_or(0, |s| s.with_stable);
     format!(
-        "ConfigMap {name} routes model {model}: stable {stable}{candidate}; scorer pods started with --routing-configmap {name} serve it (this operator version does not create scorer pods)",
+        "{pods} scorer pods serve model {model} at {url}: stable {stable}{candidate} (routing table in ConfigMap {name})",
         name = routing_configmap_name(md),
         model = md.spec.model,
+        url = scorer::service_url(md),
     )
 }
 
-/// The status for `assessment`, and when to look again: the first version becomes stable at
-/// once; a later one is rolled out through the steps ([`rollout::advance`]).
+/// The Ready condition's status, reason and message from where the stable version stands.
+fn readiness(
+    md: &ModelDeployment,
+    status: &ModelDeploymentStatus,
+    stable: &VersionState,
+) -> (ConditionStatus, &'static str, String) {
+    let version = status.stable_version.as_deref().unwrap_or(&md.spec.version);
+    match stable {
+        VersionState::Loaded { .. } => (
+            ConditionStatus::True,
+            "Serving",
+            routing_message(md, status),
+        ),
+        VersionState::Loading { have, .. } if *have > 0 => (
+            ConditionStatus::True,
+            "Serving",
+            format!(
+                "{}; {}",
+                routing_message(md, status),
+                stable.describe(version)
+            ),
+        ),
+        VersionState::Loading { .. } => (
+            ConditionStatus::False,
+            "StableNotLoaded",
+            stable.describe(version),
+        ),
+        VersionState::Refused { .. } => (
+            ConditionStatus::False,
+            "VersionRefused",
+            stable.describe(version),
+        ),
+        VersionState::NoReadyPods { .. } => (
+            ConditionStatus::False,
+            "ScorersNotReady",
+            stable.describe(version),
+        ),
+    }
+}
+
+/// The status for `assessment` and the scorer pods (`fleet`), and when to look again: the first
+/// version becomes stable once the scorer pods serve it; a later one is rolled out through the
+/// steps ([`rollout::advance`]).
 pub fn desired_status(
     md: &ModelDeployment,
     assessment: &Assessment,
+    fleet: &Fleet,
     now: Timestamp,
 ) -> (ModelDeploymentStatus, Option<std::time::Duration>) {
     let generation = md.metadata.generation;
@@ -146,9 +198,43 @@ pub fn desired_status(
     if !assessment.is_accepted() {
         return (status, None);
     }
+    // Readiness is decided below, from the pods: the previous condition stays the reference,
+    // so that its transition time moves only when its status does.
+    if let Some(previous) = md
+        .status
+        .as_ref()
+        .and_then(|s| common::find_condition(&s.conditions, READY))
+    {
+        common::set_condition(&mut status.conditions, previous.clone());
+    }
     let version = &md.spec.version;
+    let model = &md.spec.model;
     let mut requeue = None;
     let progressing = match status.stable_version.clone() {
+        None if !fleet.version(model, version).is_loaded() => {
+            // Nothing is routed to a version the scorers have not verified; the table names it
+            // so that they try.
+            let state = fleet.version(model, version);
+            status.stage = Stage::Pending;
+            let refused = matches!(state, VersionState::Refused { .. });
+            requeue = Some(if refused {
+                rollout::REFUSED_RECHECK
+            } else {
+                rollout::LOADING_RECHECK
+            });
+            Some(common::condition(
+                PROGRESSING,
+                ConditionStatus::from(!refused),
+                if refused {
+                    "VersionRefused"
+                } else {
+                    "LoadingStable"
+                },
+                state.describe(version),
+                generation,
+                now,
+            ))
+        }
         None => {
             status.stable_version = Some(version.clone());
             status.candidate_version = None;
@@ -197,8 +283,12 @@ pub fn desired_status(
                 )
             })
         }
-        Some(_) => {
-            let progress = rollout::advance(md, &mut status, now);
+        Some(stable) => {
+            let evidence = rollout::Evidence {
+                candidate: fleet.version(model, version),
+                stable: fleet.version(model, &stable),
+            };
+            let progress = rollout::advance(md, &mut status, &evidence, now);
             requeue = progress.requeue;
             Some(common::condition(
                 PROGRESSING,
@@ -213,12 +303,54 @@ pub fn desired_status(
     if let Some(c) = progressing {
         common::set_condition(&mut status.conditions, c);
     }
-    // The Ready message describes the table this status publishes.
-    let message = routing_message(md, &status);
-    if let Some(ready) = status.conditions.iter_mut().find(|c| c.type_ == READY)
-        && ready.status == "True"
-    {
-        ready.message = message;
+    if status.stable_version.is_some() {
+        let degraded = if status.stage == Stage::RolledBack {
+            let why = status
+                .history
+                .first()
+                .map(|r| r.reason.clone())
+                .unwrap_or_default();
+            common::condition(
+                DEGRADED,
+                ConditionStatus::True,
+                "AnalysisFailed",
+                format!("{version} was rolled back: {why}"),
+                generation,
+                now,
+            )
+        } else {
+            common::condition(
+                DEGRADED,
+                ConditionStatus::False,
+                "AsExpected",
+                "no analysis has failed",
+                generation,
+                now,
+            )
+        };
+        common::set_condition(&mut status.conditions, degraded);
+    }
+    let stable_version = status
+        .stable_version
+        .clone()
+        .unwrap_or_else(|| version.clone());
+    status.scorers = Some(ScorersStatus {
+        pods: i32::try_from(fleet.pods.len()).unwrap_or(i32::MAX),
+        ready: i32::try_from(fleet.ready()).unwrap_or(i32::MAX),
+        with_stable: i32::try_from(fleet.loaded_on(model, &stable_version)).unwrap_or(i32::MAX),
+        with_candidate: status
+            .candidate_version
+            .as_ref()
+            .map(|c| i32::try_from(fleet.loaded_on(model, c)).unwrap_or(i32::MAX)),
+    });
+    status.service_url = Some(scorer::service_url(md));
+    let (ready, reason, message) = readiness(md, &status, &fleet.version(model, &stable_version));
+    common::set_condition(
+        &mut status.conditions,
+        common::condition(READY, ready, reason, message, generation, now),
+    );
+    if ready != ConditionStatus::True && requeue.is_none() {
+        requeue = Some(rollout::LOADING_RECHECK);
     }
     (status, requeue)
 }
@@ -233,7 +365,9 @@ pub fn routing_document(md: &ModelDeployment, status: &ModelDeploymentStatus) ->
     let candidate = status.candidate_version.clone().filter(|c| *c != stable);
     let (canary, shadow) = match (status.stage, candidate) {
         (Stage::Shadow, Some(c)) => (None, Some(c)),
-        (Stage::Canary | Stage::Paused, Some(c)) if status.canary_weight > 0 => (
+        // Pending: named with weight 0, so that every scorer pod loads and verifies it before
+        // it takes a user; it stays loaded through pauses at weight 0.
+        (Stage::Pending | Stage::Canary | Stage::Paused, Some(c)) => (
             Some(CanaryDocument {
                 version: c,
                 weight: i64::from(status.canary_weight),
@@ -352,7 +486,51 @@ async fn announce_rollout(
     .await;
 }
 
-/// Reconciles one ModelDeployment: publishes its routing table, then its status.
+/// Applies one child object with server-side apply under the operator's field manager.
+async fn apply<K>(ctx: &Context, ns: &str, obj: &K) -> Result<(), Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + Clone
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            &obj.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
+}
+
+/// Applies the scorer workload of `md` ([`scorer`]); removes an autoscaler no longer asked for.
+async fn apply_workload(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result<(), Error> {
+    use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+    apply(ctx, ns, &scorer::service_account(md)).await?;
+    apply(ctx, ns, &scorer::role(md)).await?;
+    apply(ctx, ns, &scorer::role_binding(md)).await?;
+    apply(ctx, ns, &scorer::deployment(md, &ctx.scorer)).await?;
+    apply(ctx, ns, &scorer::service(md)).await?;
+    apply(ctx, ns, &scorer::pod_disruption_budget(md)).await?;
+    match scorer::autoscaler(md) {
+        Some(hpa) => apply(ctx, ns, &hpa).await?,
+        None => {
+            let api = Api::<HorizontalPodAutoscaler>::namespaced(ctx.client.clone(), ns);
+            match api.delete(&scorer::name(md), &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(Error::Kube(e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reconciles one ModelDeployment: its scorer workload, the pods' view of the versions, the
+/// routing table, then the status.
 #[instrument(skip(md, ctx), fields(name = %md.name_any(), namespace = md.namespace().unwrap_or_default()))]
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
@@ -360,24 +538,22 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         .namespace()
         .ok_or_else(|| Error::NoNamespace(md.name_any()))?;
     let mut assessment = assess(&md);
-    let (mut status, mut requeue) = desired_status(&md, &assessment, Timestamp::now());
+    let mut observed = Fleet::default();
+    if assessment.is_accepted() {
+        apply_workload(&ctx, &ns, &md).await?;
+        let endpoints =
+            fleet::endpoints(&ctx.client, &ns, &scorer::name(&md), scorer::PORT_NAME).await?;
+        observed = fleet::observe(&endpoints).await;
+    }
+    let (mut status, mut requeue) = desired_status(&md, &assessment, &observed, Timestamp::now());
     if assessment.is_accepted() {
         match routing_configmap(&md, routing_document(&md, &status)) {
-            Ok(cm) => {
-                // Published before the status that describes it, so the status never claims
-                // a table the scorers cannot see.
-                Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-                    .patch(
-                        &routing_configmap_name(&md),
-                        &PatchParams::apply(FIELD_MANAGER).force(),
-                        &Patch::Apply(&cm),
-                    )
-                    .await
-                    .map_err(Error::Kube)?;
-            }
+            // Published before the status that describes it, so the status never claims a
+            // table the scorers cannot see.
+            Ok(cm) => apply(&ctx, &ns, &cm).await?,
             Err(problem) => {
                 assessment = Assessment::invalid(vec![problem]);
-                (status, requeue) = desired_status(&md, &assessment, Timestamp::now());
+                (status, requeue) = desired_status(&md, &assessment, &observed, Timestamp::now());
             }
         }
     }
@@ -385,9 +561,11 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     if write_status(&ctx, md.as_ref(), &before, &status).await? {
         announce_rollout(&ctx, &md, &before, &status).await;
     }
-    // A timed step ends before the periodic resync: look again then.
+    // A timed step ends, or scorer pods finish loading, before the periodic resync: look
+    // again then.
     Ok(match requeue {
         Some(d) if assessment.is_accepted() => Action::requeue(d.min(super::RESYNC)),
+        _ if assessment.is_accepted() => Action::requeue(super::RESYNC),
         _ => assessment.next_action(),
     })
 }
@@ -420,6 +598,34 @@ spec:
     analysis: { interval: 1m, maxErrorRate: 0.01, minTopKOverlap: 0.3 }
 "#;
 
+    /// Two ready scorer pods with `versions` of `als` loaded.
+    fn pods(versions: &[&str]) -> Fleet {
+        use recsys_core::serving::fleet::{LoadedVersion, PodReport, ScorerStatus};
+        let status = ScorerStatus {
+            routing_revision: Some("sha256:t".into()),
+            loaded: versions
+                .iter()
+                .map(|v| LoadedVersion {
+                    model: "als".into(),
+                    name: (*v).into(),
+                    version: (*v).into(),
+                    offline_ndcg: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        Fleet {
+            pods: (1..=2)
+                .map(|i| PodReport {
+                    address: format!("10.88.0.{i}:8080"),
+                    pod: Some(format!("als-scorer-{i}")),
+                    ready: true,
+                    status: Ok(status.clone()),
+                })
+                .collect(),
+        }
+    }
+
     fn table(md: &ModelDeployment, status: &ModelDeploymentStatus) -> RoutingTable {
         let cm = routing_configmap(md, routing_document(md, status)).expect("valid");
         let text = &cm.data.expect("data")[ROUTING_KEY];
@@ -436,13 +642,30 @@ spec:
         let m = md(ALS);
         let got = assess(&m);
         assert!(got.is_accepted(), "{:?}", got.problems);
-        assert_eq!(
-            (got.ready, got.ready_reason),
-            (ConditionStatus::True, "RoutingPublished")
-        );
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
-        let (s, requeue) = desired_status(&m, &got, now);
+        let loaded = pods(&["20261126-0700"]);
+        let (s, requeue) = desired_status(&m, &got, &loaded, now);
         assert_eq!(requeue, None);
+        let ready = common::find_condition(&s.conditions, READY).expect("ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Serving")
+        );
+        assert!(
+            ready.message.contains("http://als-scorer.shop.svc"),
+            "{}",
+            ready.message
+        );
+        assert_eq!(s.service_url.as_deref(), Some("http://als-scorer.shop.svc"));
+        assert_eq!(
+            s.scorers,
+            Some(ScorersStatus {
+                pods: 2,
+                ready: 2,
+                with_stable: 2,
+                with_candidate: None
+            })
+        );
         assert_eq!(s.observed_generation, Some(4));
         assert_eq!(s.stable_version.as_deref(), Some("20261126-0700"));
         assert_eq!(s.candidate_version, None);
@@ -461,19 +684,78 @@ spec:
         // Reconciling again changes nothing: no second history record.
         let mut again = m.clone();
         again.status = Some(s.clone());
-        let (s2, _) = desired_status(&again, &assess(&again), now);
+        let (s2, _) = desired_status(&again, &assess(&again), &loaded, now);
         assert_eq!(s2, s);
+    }
+
+    #[test]
+    fn a_first_version_the_scorers_refuse_is_never_promoted() {
+        use recsys_core::serving::fleet::{MissingModel, PodReport, ScorerStatus};
+        let m = md(ALS);
+        let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
+        // No pods yet: waiting, not ready, looked at again soon.
+        let (s, requeue) = desired_status(&m, &assess(&m), &Fleet::default(), now);
+        assert_eq!((s.stage, s.stable_version.clone()), (Stage::Pending, None));
+        assert_eq!(requeue, Some(rollout::LOADING_RECHECK));
+        let ready = common::find_condition(&s.conditions, READY).expect("ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ScorersNotReady")
+        );
+
+        // A pod that cannot load it says why, and the conditions quote it.
+        let fleet = Fleet {
+            pods: vec![PodReport {
+                address: "10.88.0.5:8080".into(),
+                pod: Some("als-scorer-x".into()),
+                ready: false,
+                status: Ok(ScorerStatus {
+                    missing: vec![MissingModel {
+                        model: "als".into(),
+                        reason:
+                            "model als has no version or alias \"20261126-0700\" in its registry"
+                                .into(),
+                    }],
+                    ..Default::default()
+                }),
+            }],
+        };
+        let (s, requeue) = desired_status(&m, &assess(&m), &fleet, now);
+        assert_eq!((s.stage, s.stable_version.clone()), (Stage::Pending, None));
+        assert_eq!(requeue, Some(rollout::REFUSED_RECHECK));
+        assert!(s.history.is_empty(), "{:?}", s.history);
+        let progressing = common::find_condition(&s.conditions, PROGRESSING).expect("cond");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("False", "VersionRefused")
+        );
+        assert!(
+            progressing.message.contains("no version or alias"),
+            "{}",
+            progressing.message
+        );
+        let ready = common::find_condition(&s.conditions, READY).expect("ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "VersionRefused")
+        );
+        // The table names it (the scorers keep trying); no user is served by anything else.
+        assert_eq!(
+            table(&m, &s).route("als").map(|r| r.stable().to_owned()),
+            Some("20261126-0700".into())
+        );
     }
 
     #[test]
     fn a_later_version_is_shadowed_then_held_at_the_analysis_gate() {
         let mut m = md(ALS);
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
-        let (first, _) = desired_status(&m, &assess(&m), now);
+        let both = pods(&["20261126-0700", "20261127-0700"]);
+        let (first, _) = desired_status(&m, &assess(&m), &both, now);
         m.status = Some(first);
         m.spec.version = "20261127-0700".into();
         m.metadata.generation = Some(5);
-        let (s, requeue) = desired_status(&m, &assess(&m), now);
+        let (s, requeue) = desired_status(&m, &assess(&m), &both, now);
         assert_eq!(s.stable_version.as_deref(), Some("20261126-0700"));
         assert_eq!(s.candidate_version.as_deref(), Some("20261127-0700"));
         assert_eq!(s.stage, Stage::Shadow);
@@ -500,7 +782,7 @@ spec:
         // shadow step it holds rather than send users to the candidate.
         m.status = Some(s);
         let later: Timestamp = "2026-11-26T00:31:00Z".parse().expect("ts");
-        let (held, requeue) = desired_status(&m, &assess(&m), later);
+        let (held, requeue) = desired_status(&m, &assess(&m), &both, later);
         assert_eq!(
             (held.stage, held.canary_weight, requeue),
             (Stage::Shadow, 0, None)
@@ -511,7 +793,7 @@ spec:
         // Set back to the stable version: nothing to roll out.
         m.status = Some(held);
         m.spec.version = "20261126-0700".into();
-        let (back, _) = desired_status(&m, &assess(&m), later);
+        let (back, _) = desired_status(&m, &assess(&m), &both, later);
         assert_eq!(back.candidate_version, None);
         assert_eq!(back.stage, Stage::Promoted);
         assert!(

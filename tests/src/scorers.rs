@@ -1,0 +1,193 @@
+//! Real scorers started in the test process and put behind a ModelDeployment's Service the way
+//! pods are: each listens on the real node's address (the host side of its bridge) and has an
+//! EndpointSlice of its own, labelled for the Service, whose `ready` condition follows the
+//! scorer's `/readyz` as the endpoints controller follows a pod's readiness. The operator finds
+//! them exactly as it finds pods. The ModelDeployment runs 0 replicas of its own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams};
+use ndarray::Array2;
+use rand::{RngExt as _, SeedableRng as _};
+use recsys_core::artifacts::{LocalDirStore, ManifestInput, Registry};
+use recsys_core::cf::als::AlsModel;
+use recsys_core::cf::interactions::IdMap;
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::{TestEnv, http_json};
+
+/// Scorers of one model, with a local model registry they load from.
+pub struct HostScorers {
+    _dir: tempfile::TempDir,
+    /// The registry the scorers load from.
+    pub registry: Registry,
+    /// The scorers' addresses.
+    pub addrs: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    _scorers: Vec<recsys_scorer::Scorer>,
+}
+
+impl Drop for HostScorers {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The real node's address (its InternalIP, the host side of the Pod bridge).
+pub async fn node_ip(env: &TestEnv, client: &kube::Client) -> anyhow::Result<IpAddr> {
+    let name = env
+        .var("RECSYS_TEST_REAL_NODE")
+        .context("the real node is not up: run tests/env/up.sh as root")?;
+    let node = Api::<Node>::all(client.clone()).get(name).await?;
+    let ip = node
+        .status
+        .and_then(|s| s.addresses)
+        .into_iter()
+        .flatten()
+        .find(|a| a.type_ == "InternalIP")
+        .context("the real node has no InternalIP")?;
+    Ok(ip.address.parse()?)
+}
+
+impl HostScorers {
+    /// An empty registry in a temporary directory.
+    pub fn registry() -> anyhow::Result<(tempfile::TempDir, Registry)> {
+        let dir = tempfile::tempdir()?;
+        let registry = Registry::new(Arc::new(LocalDirStore::new(dir.path())));
+        Ok((dir, registry))
+    }
+
+    /// Publishes version `version` of model `model`: 30 users, 40 products, 8 random factors
+    /// from `seed`.
+    pub async fn publish(&self, model: &str, version: &str, seed: u64) -> anyhow::Result<()> {
+        let users = IdMap::from_ids((0..30).map(|u| format!("u{u}")).collect());
+        let items = IdMap::from_ids((0..40).map(|i| format!("p{i}")).collect());
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut random =
+            |rows: usize| Array2::from_shape_fn((rows, 8), |_| rng.random_range(-0.5..0.5_f32));
+        let factors = AlsModel {
+            user_factors: random(30),
+            item_factors: random(40),
+            regularization: 0.05,
+        };
+        let input = ManifestInput {
+            version: Some(version.to_owned()),
+            ..ManifestInput::default()
+        };
+        self.registry
+            .publish(model, &factors, &users, &items, input)
+            .await?;
+        Ok(())
+    }
+
+    /// Starts `n` scorers of `model` in namespace `ns`, following ConfigMap
+    /// `<deployment>-routing`, behind Service `<deployment>-scorer`.
+    pub async fn start(
+        env: &TestEnv,
+        client: &kube::Client,
+        ns: &str,
+        deployment: &str,
+        model: &str,
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        let (dir, registry) = Self::registry()?;
+        let ip = node_ip(env, client).await?;
+        let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        let mut addrs = vec![];
+        let mut tasks = vec![];
+        let mut scorers = vec![];
+        for i in 0..n {
+            let data = dir.path().join(format!("data-{i}"));
+            let args = recsys_scorer::Args::try_parse_from([
+                "recsys-scorer",
+                "--artifacts",
+                dir.path().to_str().context("utf-8 path")?,
+                "--data-dir",
+                data.to_str().context("utf-8 path")?,
+                "--routing-configmap",
+                &format!("{deployment}-routing"),
+                "--routing-namespace",
+                ns,
+                "--model",
+                model,
+                "--model-sync-interval",
+                "1s",
+            ])?;
+            let scorer = recsys_scorer::start_all(&args).await?;
+            let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
+            let addr = listener.local_addr()?;
+            let router = scorer.router();
+            tasks.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, router).await;
+            }));
+            scorers.push(scorer);
+            addrs.push(addr);
+            // The slice's ready condition follows /readyz, as a pod's readiness would.
+            let name = format!("{deployment}-scorer-host-{i}");
+            let service = format!("{deployment}-scorer");
+            let slices = slices.clone();
+            let slice = move |ready: bool| {
+                json!({
+                    "apiVersion": "discovery.k8s.io/v1",
+                    "kind": "EndpointSlice",
+                    "metadata": {
+                        "name": name,
+                        "labels": {
+                            "kubernetes.io/service-name": service,
+                            "endpointslice.kubernetes.io/managed-by": "recsys-tests"
+                        }
+                    },
+                    "addressType": "IPv4",
+                    "ports": [{ "name": "http", "port": addr.port(), "protocol": "TCP" }],
+                    "endpoints": [{
+                        "addresses": [addr.ip().to_string()],
+                        "conditions": { "ready": ready, "serving": ready, "terminating": false },
+                        "targetRef": { "kind": "Pod", "name": format!("host-scorer-{i}") }
+                    }]
+                })
+            };
+            let name = format!("{deployment}-scorer-host-{i}");
+            slices
+                .patch(
+                    &name,
+                    &PatchParams::apply("recsys-tests").force(),
+                    &Patch::Apply(slice(false)),
+                )
+                .await?;
+            tasks.push(tokio::spawn(async move {
+                let mut last = Some(false);
+                loop {
+                    let ready =
+                        matches!(http_json(addr, "GET", "/readyz", None).await, Ok((200, _)));
+                    if last != Some(ready) {
+                        let applied = slices
+                            .patch(
+                                &name,
+                                &PatchParams::apply("recsys-tests").force(),
+                                &Patch::Apply(slice(ready)),
+                            )
+                            .await;
+                        last = applied.ok().map(|_| ready);
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }));
+        }
+        Ok(Self {
+            _dir: dir,
+            registry,
+            addrs,
+            tasks,
+            _scorers: scorers,
+        })
+    }
+}
