@@ -12,5 +12,6 @@ pub mod exit;
 pub mod features;
 pub mod runs;
 pub mod serving;
+pub mod stats;
 pub mod stores;
 pub mod telemetry;

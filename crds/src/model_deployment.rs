@@ -286,6 +286,15 @@ pub struct AnalysisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 10.0))]
     pub min_offline_metric_ratio: Option<f64>,
+    /// Fewest observations (requests, scores, comparisons) on each side of a check in one
+    /// interval for its figure to count; with fewer the check is inconclusive and holds.
+    #[serde(default = "default_min_samples")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_samples: i64,
+}
+
+fn default_min_samples() -> i64 {
+    20
 }
 
 fn default_interval() -> Duration {
@@ -306,6 +315,7 @@ impl Default for AnalysisSpec {
             max_score_drift_psi: None,
             min_top_k_overlap: None,
             min_offline_metric_ratio: None,
+            min_samples: default_min_samples(),
         }
     }
 }
@@ -326,6 +336,9 @@ pub enum Stage {
     Promoted,
     /// An analysis failed and stable serves every user again.
     RolledBack,
+    /// Stopped by hand (`recsys.io/abort`): stable serves every user again; the candidate stays
+    /// registered and `recsys.io/retry` rolls it out again.
+    Aborted,
 }
 
 /// Observed state of a ModelDeployment.
@@ -364,10 +377,106 @@ pub struct ModelDeploymentStatus {
     /// The scorer pods as the operator last saw them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scorers: Option<ScorersStatus>,
+    /// The last manual action handled, as `<annotation>=<value>`: an action annotation is acted
+    /// on once, then removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<String>,
+    /// The live analysis of the current (or last) rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisStatus>,
     /// Past rollouts, newest first, at most 20.
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub history: Vec<RolloutRecord>,
+}
+
+/// The live analysis of a rollout: one run every `spec.strategy.analysis.interval` while the
+/// candidate is shadowed or takes users.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisStatus {
+    /// Failed runs in a row; a successful run resets it, an inconclusive one leaves it. At
+    /// `failureLimit` the candidate is rolled back.
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// The latest runs, newest first, at most 10.
+    #[serde(default)]
+    #[schemars(length(max = 10))]
+    pub runs: Vec<AnalysisRun>,
+}
+
+/// One analysis over one interval of the scorers' counters.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisRun {
+    /// When the window ended.
+    pub at: Time,
+    /// Length of the window, seconds.
+    pub window_seconds: i64,
+    /// The step analysed.
+    pub step: i32,
+    /// How the candidate met users: `Shadow` or `Canary`.
+    pub exposure: Exposure,
+    /// Percentage of users on the candidate.
+    pub weight: i32,
+    /// Scorer pods read at both ends of the window.
+    pub pods: i32,
+    /// The run's verdict: `Failed` if any check failed, else `Inconclusive` if any was.
+    pub verdict: Verdict,
+    /// Each check with its figure.
+    #[serde(default)]
+    pub checks: Vec<AnalysisCheck>,
+}
+
+/// How the candidate meets users while analysed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Exposure {
+    /// Scored off the request path against stable on the same requests.
+    Shadow,
+    /// Serving a share of users.
+    Canary,
+}
+
+/// The verdict of an analysis or one of its checks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Verdict {
+    /// Within the threshold.
+    Successful,
+    /// Past the threshold.
+    Failed,
+    /// Too few observations to tell; holds the rollout, never passes it.
+    Inconclusive,
+}
+
+/// A check of the live analysis.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum CheckKind {
+    /// Share of canary requests that failed (`maxErrorRate`).
+    ErrorRate,
+    /// p99 latency of canary requests in ms (`maxP99LatencyMs`).
+    P99Latency,
+    /// PSI of the candidate's scores against stable's (`maxScoreDriftPsi`).
+    ScoreDrift,
+    /// Mean top-k overlap of the shadow with stable (`minTopKOverlap`).
+    TopKOverlap,
+}
+
+/// One check of an analysis run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisCheck {
+    /// Which check.
+    pub check: CheckKind,
+    /// The figure, when there were enough observations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<f64>,
+    /// The threshold it is held to.
+    pub threshold: f64,
+    /// The check's verdict.
+    pub verdict: Verdict,
+    /// The figure, threshold and sample sizes in words.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// The scorer pods behind the Service, as their `/v1/status` reports them.

@@ -1408,3 +1408,290 @@ async fn a_version_the_scorers_refuse_is_never_routed() -> anyhow::Result<()> {
     assert_eq!(s.scorers.and_then(|f| f.with_candidate), Some(2));
     Ok(())
 }
+
+/// The status of `name`, or the default.
+async fn md_status(
+    mds: &Api<ModelDeployment>,
+    name: &str,
+) -> anyhow::Result<recsys_crds::ModelDeploymentStatus> {
+    Ok(mds.get(name).await?.status.unwrap_or_default())
+}
+
+/// Waits until every user is answered by `version` on every scorer.
+async fn every_user_on(scorers: &HostScorers, version: &str) -> anyhow::Result<()> {
+    wait_for(
+        WAIT,
+        &format!("every user answered by {version}"),
+        || async {
+            for addr in &scorers.addrs {
+                for u in (0..recsys_tests::scorers::USERS).step_by(7) {
+                    let path = format!("/v1/recommendations?user_id=u{u}&k=5");
+                    let (status, body) = recsys_tests::http_json(*addr, "GET", &path, None).await?;
+                    if status != 200 || body["version"] != json!(version) {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_rollout_under_load_loses_no_request_and_ends_with_every_user_on_the_candidate()
+-> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-load").await?;
+    let _op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    scorers.publish("als", "v1", 1).await?;
+    // A retrain that changed little: the same factors (the same seed).
+    scorers.publish("als", "v2", 1).await?;
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["strategy"] = json!({
+        "steps": [
+            {"shadow": {"duration": "3s"}},
+            {"canary": {"weight": 10, "duration": "3s"}},
+            {"canary": {"weight": 50, "duration": "3s"}},
+            {"full": {}}
+        ],
+        "analysis": {
+            "interval": "2s", "failureLimit": 2, "minSamples": 5,
+            "maxErrorRate": 0.01, "maxP99LatencyMs": 2000,
+            "maxScoreDriftPsi": 0.5, "minTopKOverlap": 0.8
+        }
+    });
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+
+    let load =
+        recsys_tests::scorers::RequestLoop::start(scorers.addrs.clone(), Duration::from_millis(4));
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    // Every exposure the rollout went through, as the status showed it.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = md_status(&mds, "als").await?;
+        if s.stable_version.as_deref() == Some("v2") {
+            break;
+        }
+        if s.candidate_version.as_deref() == Some("v2") {
+            seen.insert((format!("{:?}", s.stage), s.canary_weight));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "v2 not promoted in 120 s; seen {seen:?}; status {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    every_user_on(&scorers, "v2").await?;
+    let report = load.stop().await?;
+    assert!(
+        report.failed.is_empty(),
+        "lost requests: {:?}",
+        report.failed
+    );
+    assert!(report.sent > 1_000, "{} requests", report.sent);
+    for stage in [("Shadow", 0), ("Canary", 10), ("Canary", 50)] {
+        assert!(
+            seen.contains(&(stage.0.to_owned(), stage.1)),
+            "{stage:?} not seen in {seen:?}"
+        );
+    }
+
+    // Each exposed step ended on a successful analysis of it, with figures.
+    let s = md_status(&mds, "als").await?;
+    assert_eq!(
+        (s.history[0].version.as_str(), s.history[0].outcome),
+        ("v2", Stage::Promoted)
+    );
+    let runs = s.analysis.context("analysis status")?.runs;
+    for step in 0..3 {
+        let passed = runs.iter().find(|r| {
+            r.step == step && r.verdict == recsys_crds::model_deployment::Verdict::Successful
+        });
+        let passed =
+            passed.with_context(|| format!("no successful run of step {step}: {runs:?}"))?;
+        assert!(
+            passed.checks.iter().all(|c| c.observed.is_some()),
+            "{passed:?}"
+        );
+        assert!(passed.pods == 2, "{passed:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_candidate_with_skewed_scores_is_rolled_back_within_failure_limit_intervals()
+-> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-rollback").await?;
+    let op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    scorers.publish("als", "v1", 1).await?;
+    // Same rankings, every score 9 times as large: a broken normalisation, say.
+    scorers.publish_scaled("als", "v2", 1, 3.0).await?;
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["strategy"] = json!({
+        "steps": [{"canary": {"weight": 50, "duration": "10m"}}, {"full": {}}],
+        "analysis": {"interval": "2s", "failureLimit": 2, "minSamples": 5, "maxScoreDriftPsi": 0.5}
+    });
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+    let load =
+        recsys_tests::scorers::RequestLoop::start(scorers.addrs.clone(), Duration::from_millis(4));
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "v2 on 50% of users", || async {
+        let s = md_status(&mds, "als").await?;
+        Ok(s.stage == Stage::Canary && s.canary_weight == 50)
+    })
+    .await?;
+    let started = md_status(&mds, "als")
+        .await?
+        .step_started_at
+        .context("step start")?
+        .0;
+    wait_for(WAIT, "v2 rolled back", || async {
+        Ok(md_status(&mds, "als").await?.stage == Stage::RolledBack)
+    })
+    .await?;
+    let md = mds.get("als").await?;
+    let s = md.status.clone().unwrap_or_default();
+    let record = &s.history[0];
+    assert_eq!(
+        (record.version.as_str(), record.outcome),
+        ("v2", Stage::RolledBack)
+    );
+    // Within failureLimit × interval of the canary's start, plus the baseline's interval
+    // and a reconcile's slack.
+    let took = record.finished_at.0.duration_since(started).as_secs_f64();
+    assert!(
+        took <= 2.0 * 2.0 + 2.0 + 3.0,
+        "rolled back {took:.1}s after the canary started"
+    );
+    assert!(
+        record.reason.contains("failureLimit 2") && record.reason.contains("ScoreDrift"),
+        "{}",
+        record.reason
+    );
+    let degraded = find_condition(&s.conditions, "Degraded").context("Degraded")?;
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "AnalysisFailed")
+    );
+    assert!(degraded.message.contains("PSI"), "{}", degraded.message);
+    let last = &s.analysis.context("analysis")?.runs[0];
+    let drift = last.checks.first().context("a check")?;
+    assert!(drift.observed.unwrap_or_default() > 0.5, "{last:?}");
+
+    // One routing write sent every user back to stable, and the scorers follow.
+    let table = routing_of(&cms.get("als-routing").await?)?;
+    let route = table.route("als").context("route")?;
+    assert_eq!(
+        (route.stable(), route.canary(), route.shadow()),
+        ("v1", None, None)
+    );
+    every_user_on(&scorers, "v1").await?;
+    let report = load.stop().await?;
+    assert!(
+        report.failed.is_empty(),
+        "lost requests: {:?}",
+        report.failed
+    );
+    assert_eq!(
+        op.metric(
+            "model_deployments_total{model_name=\"als\",version=\"v2\",status=\"rolled_back\"}"
+        )
+        .await?,
+        Some(1.0)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_operator_killed_mid_canary_resumes_at_the_same_step_with_the_same_users()
+-> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-resume").await?;
+    let mut op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    scorers.publish("als", "v1", 1).await?;
+    scorers.publish("als", "v2", 2).await?;
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["strategy"] = json!({
+        "steps": [{"canary": {"weight": 30, "duration": "10m"}}, {"full": {}}],
+        "analysis": {"interval": "2s", "minSamples": 5, "maxErrorRate": 0.01}
+    });
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+    let load =
+        recsys_tests::scorers::RequestLoop::start(scorers.addrs.clone(), Duration::from_millis(4));
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "v2 on 30% with a successful analysis", || async {
+        let s = md_status(&mds, "als").await?;
+        Ok(s.canary_weight == 30
+            && s.analysis.is_some_and(|a| {
+                a.runs
+                    .iter()
+                    .any(|r| r.verdict == recsys_crds::model_deployment::Verdict::Successful)
+            }))
+    })
+    .await?;
+    let before = md_status(&mds, "als").await?;
+    let table_before = cms.get("als-routing").await?.data;
+    op.kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _op = Operator::start(&env, &ns.name, &[]).await?;
+    // The new operator analyses again (a new baseline, then a run) and keeps the step.
+    let runs_before = before.analysis.as_ref().map_or(0, |a| a.runs.len());
+    wait_for(WAIT, "an analysis by the new operator", || async {
+        let s = md_status(&mds, "als").await?;
+        let newest = s
+            .analysis
+            .as_ref()
+            .and_then(|a| a.runs.first().map(|r| r.at.clone()));
+        let older = before
+            .analysis
+            .as_ref()
+            .and_then(|a| a.runs.first().map(|r| r.at.clone()));
+        Ok(newest.is_some() && newest != older)
+    })
+    .await?;
+    let after = md_status(&mds, "als").await?;
+    assert_eq!(
+        (
+            after.stage,
+            after.canary_weight,
+            after.current_step,
+            after.step_started_at.clone()
+        ),
+        (
+            before.stage,
+            before.canary_weight,
+            before.current_step,
+            before.step_started_at.clone()
+        ),
+        "runs before: {runs_before}"
+    );
+    // The same table: the same salt and weight, so the same users on the canary.
+    assert_eq!(cms.get("als-routing").await?.data, table_before);
+    let report = load.stop().await?;
+    assert!(
+        report.failed.is_empty(),
+        "lost requests: {:?}",
+        report.failed
+    );
+    Ok(())
+}

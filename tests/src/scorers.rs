@@ -23,6 +23,9 @@ use tokio::task::JoinHandle;
 
 use crate::{TestEnv, http_json};
 
+/// Users of the published models (enough that a 10% canary has a sample of them).
+pub const USERS: usize = 200;
+
 /// Scorers of one model, with a local model registry they load from.
 pub struct HostScorers {
     _dir: tempfile::TempDir,
@@ -66,16 +69,29 @@ impl HostScorers {
         Ok((dir, registry))
     }
 
-    /// Publishes version `version` of model `model`: 30 users, 40 products, 8 random factors
-    /// from `seed`.
+    /// Publishes version `version` of model `model`: [`USERS`] users `u0`, `u1`, …, 40
+    /// products, 8 random factors from `seed`.
     pub async fn publish(&self, model: &str, version: &str, seed: u64) -> anyhow::Result<()> {
-        let users = IdMap::from_ids((0..30).map(|u| format!("u{u}")).collect());
+        self.publish_scaled(model, version, seed, 1.0).await
+    }
+
+    /// Like [`Self::publish`], with every factor multiplied by `scale`: the same rankings
+    /// within a version, scores `scale²` times as large (a skewed score distribution).
+    pub async fn publish_scaled(
+        &self,
+        model: &str,
+        version: &str,
+        seed: u64,
+        scale: f32,
+    ) -> anyhow::Result<()> {
+        let users = IdMap::from_ids((0..USERS).map(|u| format!("u{u}")).collect());
         let items = IdMap::from_ids((0..40).map(|i| format!("p{i}")).collect());
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut random =
-            |rows: usize| Array2::from_shape_fn((rows, 8), |_| rng.random_range(-0.5..0.5_f32));
+        let mut random = |rows: usize| {
+            Array2::from_shape_fn((rows, 8), |_| rng.random_range(-0.5..0.5_f32) * scale)
+        };
         let factors = AlsModel {
-            user_factors: random(30),
+            user_factors: random(USERS),
             item_factors: random(40),
             regularization: 0.05,
         };
@@ -189,5 +205,59 @@ impl HostScorers {
             tasks,
             _scorers: scorers,
         })
+    }
+}
+
+/// A bounded request loop over scorers: one `GET /v1/recommendations` at a time, round robin
+/// over the scorers and the [`USERS`], until stopped.
+pub struct RequestLoop {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: JoinHandle<LoopReport>,
+}
+
+/// What a [`RequestLoop`] saw.
+#[derive(Clone, Debug, Default)]
+pub struct LoopReport {
+    /// Requests sent.
+    pub sent: usize,
+    /// Requests not answered 200: (status or transport error, body).
+    pub failed: Vec<String>,
+    /// The version that last answered each user.
+    pub last_version: std::collections::BTreeMap<String, String>,
+}
+
+impl RequestLoop {
+    /// Starts the loop over `addrs`, a request every `pause` at most.
+    pub fn start(addrs: Vec<SocketAddr>, pause: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut report = LoopReport::default();
+            let mut i = 0usize;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let addr = addrs[i % addrs.len()];
+                let user = format!("u{}", i % USERS);
+                i += 1;
+                report.sent += 1;
+                let path = format!("/v1/recommendations?user_id={user}&k=5");
+                match http_json(addr, "GET", &path, None).await {
+                    Ok((200, body)) => {
+                        let version = body["version"].as_str().unwrap_or("none").to_owned();
+                        report.last_version.insert(user, version);
+                    }
+                    Ok((status, body)) => report.failed.push(format!("{status}: {body}")),
+                    Err(e) => report.failed.push(format!("{addr}: {e:#}")),
+                }
+                tokio::time::sleep(pause).await;
+            }
+            report
+        });
+        Self { stop, task }
+    }
+
+    /// Stops the loop and reports.
+    pub async fn stop(self) -> anyhow::Result<LoopReport> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(self.task.await?)
     }
 }

@@ -81,7 +81,7 @@ pub struct ServingModel {
     xtx: Vec<f32>,
     confidence: Confidence,
     weights: EventWeights,
-    /// NDCG@10 on the version's held-out split, from its manifest (`metrics.model["ndcg@10"]`).
+    /// NDCG@10 on the version's held-out split, from its manifest ([`offline_ndcg_at_10`]).
     offline_ndcg: Option<f64>,
 }
 
@@ -167,7 +167,7 @@ impl ServingModel {
         let yty = als::gram(item_factors.view(), regularization);
         let xtx = als::gram(user_factors.view(), regularization);
         let (confidence, weights) = training_prep(&manifest.params);
-        let offline_ndcg = manifest.metrics["model"]["ndcg@10"].as_f64();
+        let offline_ndcg = offline_ndcg_at_10(&manifest.metrics);
         Ok(Self {
             name,
             version,
@@ -432,6 +432,18 @@ impl TopK {
 }
 
 /// A small serving model for unit tests across the crate.
+/// NDCG@10 of a manifest's `metrics`: `model.ndcg` of a cf-train run evaluated at `k: 10`
+/// (the trainer's default), or `model["ndcg@10"]` as other publishers write it. `None` for a
+/// run evaluated at another k: its NDCG is not comparable.
+pub fn offline_ndcg_at_10(metrics: &serde_json::Value) -> Option<f64> {
+    let model = &metrics["model"];
+    model["ndcg@10"].as_f64().or_else(|| {
+        (metrics["k"].as_u64() == Some(10))
+            .then(|| model["ndcg"].as_f64())
+            .flatten()
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod fixtures {
     use super::*;
@@ -580,5 +592,18 @@ mod tests {
         let (c, w) = training_prep(&serde_json::Value::Null);
         assert_eq!(c, Confidence::Linear { alpha: 1.0 });
         assert_eq!(w, EventWeights::default());
+    }
+
+    #[test]
+    fn offline_ndcg_is_read_from_a_cf_train_manifest_at_k_10_only() {
+        use serde_json::json;
+        let at = |k: u64| json!({"k": k, "model": {"ndcg": 0.31}});
+        assert_eq!(super::offline_ndcg_at_10(&at(10)), Some(0.31));
+        assert_eq!(super::offline_ndcg_at_10(&at(20)), None);
+        assert_eq!(
+            super::offline_ndcg_at_10(&json!({"model": {"ndcg@10": 0.2}})),
+            Some(0.2)
+        );
+        assert_eq!(super::offline_ndcg_at_10(&json!({})), None);
     }
 }

@@ -8,6 +8,7 @@
 //! - [`fleet`]: what a scorer reports about the versions it holds (`GET /v1/status`), and
 //!   what the operator concludes from every scorer pod's report.
 
+pub mod analysis;
 pub mod fleet;
 pub mod routing;
 pub mod users;

@@ -1,5 +1,6 @@
 //! The three controllers and what they share: context, errors, status writes and Events.
 
+pub mod analysis;
 pub mod batch_job;
 pub mod feature_definition;
 pub mod fleet;
@@ -242,6 +243,8 @@ pub struct Context {
     pub trainer: batch_job::TrainerSettings,
     /// How scorer workloads are built.
     pub scorer: scorer::ScorerSettings,
+    /// Baselines of the rollout analyses under way.
+    pub analyses: analysis::Analyses,
     /// Finished BatchJob runs already reported.
     pub reported_runs: batch_job::ReportedRuns,
     /// The feature registry FeatureDefinitions are recorded in, if any.
@@ -574,6 +577,7 @@ pub async fn run_all(
         jobs: bj_controller.store(),
         trainer,
         scorer: scorer_settings,
+        analyses: analysis::Analyses::default(),
         reported_runs: Default::default(),
         registry,
     });

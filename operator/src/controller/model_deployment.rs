@@ -14,8 +14,9 @@
 //!   manifest, failed checksum) is never promoted and the conditions quote the pod's reason.
 //! - `Ready` means at least one ready scorer pod serves the stable version; its message gives
 //!   the Service URL.
-//! - Analysis is not checked yet: a strategy with thresholds holds before giving the candidate
-//!   users (`AnalysisUnavailable`), and there is no automatic rollback.
+//! - While the candidate is shadowed or takes users, its live analysis reads the pods'
+//!   `/metrics` every interval ([`super::analysis`]); `failureLimit` failed runs in a row roll
+//!   it back (`Degraded=True`, with the failed check and its figures).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use recsys_core::serving::routing::{
 };
 use recsys_crds::common::READY;
 use recsys_crds::common::{self, ConditionStatus};
-use recsys_crds::model_deployment::ScorersStatus;
+use recsys_crds::model_deployment::{AnalysisRun, ScorersStatus};
 use recsys_crds::{ModelDeployment, ModelDeploymentStatus, Stage};
 use tracing::instrument;
 
@@ -84,9 +85,9 @@ pub fn validate(md: &ModelDeployment) -> Vec<Problem> {
         }
     }
     match spec.strategy.analysis.interval.to_std() {
-        Ok(d) if d.as_secs() < 5 => problems.push(Problem::new(
+        Ok(d) if d.as_secs() < 1 => problems.push(Problem::new(
             "spec.strategy.analysis.interval",
-            "must be at least 5s: shorter intervals see too few requests to judge",
+            "must be at least 1s: every run reads every scorer pod's metrics (minSamples decides whether a window saw enough)",
         )),
         Ok(_) => {}
         Err(e) => problems.push(Problem::new(
@@ -143,22 +144,58 @@ fn routing_message(md: &ModelDeployment, status: &ModelDeploymentStatus) -> Stri
     )
 }
 
+/// Reason of the `Ready` condition of a ModelDeployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+pub enum ReadyReason {
+    /// Ready scorer pods serve the stable version.
+    Serving,
+    /// No ready scorer pod has the stable version loaded yet.
+    StableNotLoaded,
+    /// A scorer pod refused the stable version.
+    VersionRefused,
+    /// No scorer pod is ready.
+    ScorersNotReady,
+}
+
+/// Reason of the `Degraded` condition of a ModelDeployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, strum::IntoStaticStr)]
+pub enum DegradedReason {
+    /// The last rollout was rolled back by its analysis.
+    AnalysisFailed,
+    /// No analysis has failed.
+    AsExpected,
+}
+
+impl ReadyReason {
+    /// The condition's `reason`.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+impl DegradedReason {
+    /// The condition's `reason`.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
 /// The Ready condition's status, reason and message from where the stable version stands.
 fn readiness(
     md: &ModelDeployment,
     status: &ModelDeploymentStatus,
     stable: &VersionState,
-) -> (ConditionStatus, &'static str, String) {
+) -> (ConditionStatus, ReadyReason, String) {
     let version = status.stable_version.as_deref().unwrap_or(&md.spec.version);
     match stable {
         VersionState::Loaded { .. } => (
             ConditionStatus::True,
-            "Serving",
+            ReadyReason::Serving,
             routing_message(md, status),
         ),
         VersionState::Loading { have, .. } if *have > 0 => (
             ConditionStatus::True,
-            "Serving",
+            ReadyReason::Serving,
             format!(
                 "{}; {}",
                 routing_message(md, status),
@@ -167,31 +204,50 @@ fn readiness(
         ),
         VersionState::Loading { .. } => (
             ConditionStatus::False,
-            "StableNotLoaded",
+            ReadyReason::StableNotLoaded,
             stable.describe(version),
         ),
         VersionState::Refused { .. } => (
             ConditionStatus::False,
-            "VersionRefused",
+            ReadyReason::VersionRefused,
             stable.describe(version),
         ),
         VersionState::NoReadyPods { .. } => (
             ConditionStatus::False,
-            "ScorersNotReady",
+            ReadyReason::ScorersNotReady,
             stable.describe(version),
         ),
     }
 }
 
-/// The status for `assessment` and the scorer pods (`fleet`), and when to look again: the first
-/// version becomes stable once the scorer pods serve it; a later one is rolled out through the
-/// steps ([`rollout::advance`]).
+/// What one reconcile saw of the scorer pods.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The versions each pod has loaded or refused.
+    pub fleet: Fleet,
+    /// The analysis run an interval just closed, if any ([`super::analysis`]).
+    pub analysis: Option<AnalysisRun>,
+}
+
+impl From<Fleet> for Observed {
+    fn from(fleet: Fleet) -> Self {
+        Self {
+            fleet,
+            analysis: None,
+        }
+    }
+}
+
+/// The status for `assessment` and what was `observed` of the scorer pods, and when to look
+/// again: the first version becomes stable once the scorer pods serve it; a later one is
+/// rolled out through the steps ([`rollout::advance`]).
 pub fn desired_status(
     md: &ModelDeployment,
     assessment: &Assessment,
-    fleet: &Fleet,
+    observed: &Observed,
     now: Timestamp,
 ) -> (ModelDeploymentStatus, Option<std::time::Duration>) {
+    let fleet = &observed.fleet;
     let generation = md.metadata.generation;
     let mut status: ModelDeploymentStatus =
         stamped(md.status.as_ref(), assessment, generation, now);
@@ -226,10 +282,11 @@ pub fn desired_status(
                 PROGRESSING,
                 ConditionStatus::from(!refused),
                 if refused {
-                    "VersionRefused"
+                    rollout::Reason::VersionRefused
                 } else {
-                    "LoadingStable"
-                },
+                    rollout::Reason::LoadingStable
+                }
+                .as_str(),
                 state.describe(version),
                 generation,
                 now,
@@ -251,7 +308,7 @@ pub fn desired_status(
             Some(common::condition(
                 PROGRESSING,
                 ConditionStatus::False,
-                "InitialVersion",
+                rollout::Reason::InitialVersion.as_str(),
                 format!(
                     "{version} is the first version of {}: stable at once",
                     md.spec.model
@@ -261,6 +318,10 @@ pub fn desired_status(
             ))
         }
         Some(stable) if &stable == version => {
+            // Nothing is rolling out: an action annotation has nothing to act on.
+            if let Some((action, value)) = rollout::pending_action(md, &status) {
+                status.last_action = Some(rollout::action_record(action, &value));
+            }
             status.candidate_version = None;
             status.stage = Stage::Promoted;
             status.canary_weight = 0;
@@ -270,13 +331,15 @@ pub fn desired_status(
             let settled =
                 common::find_condition(&status.conditions, PROGRESSING).is_some_and(|c| {
                     c.status == "False"
-                        && matches!(c.reason.as_str(), "InitialVersion" | "Promoted")
+                        && [rollout::Reason::InitialVersion, rollout::Reason::Promoted]
+                            .iter()
+                            .any(|r| r.as_str() == c.reason)
                 });
             (!settled).then(|| {
                 common::condition(
                     PROGRESSING,
                     ConditionStatus::False,
-                    "NothingToRollOut",
+                    rollout::Reason::NothingToRollOut.as_str(),
                     format!("{version} is the stable version"),
                     generation,
                     now,
@@ -287,13 +350,14 @@ pub fn desired_status(
             let evidence = rollout::Evidence {
                 candidate: fleet.version(model, version),
                 stable: fleet.version(model, &stable),
+                analysis: observed.analysis.clone(),
             };
             let progress = rollout::advance(md, &mut status, &evidence, now);
             requeue = progress.requeue;
             Some(common::condition(
                 PROGRESSING,
-                ConditionStatus::from(progress.is_progressing()),
-                progress.reason,
+                ConditionStatus::from(progress.reason.is_progressing()),
+                progress.reason.as_str(),
                 progress.message,
                 generation,
                 now,
@@ -313,7 +377,7 @@ pub fn desired_status(
             common::condition(
                 DEGRADED,
                 ConditionStatus::True,
-                "AnalysisFailed",
+                DegradedReason::AnalysisFailed.as_str(),
                 format!("{version} was rolled back: {why}"),
                 generation,
                 now,
@@ -322,7 +386,7 @@ pub fn desired_status(
             common::condition(
                 DEGRADED,
                 ConditionStatus::False,
-                "AsExpected",
+                DegradedReason::AsExpected.as_str(),
                 "no analysis has failed",
                 generation,
                 now,
@@ -347,7 +411,7 @@ pub fn desired_status(
     let (ready, reason, message) = readiness(md, &status, &fleet.version(model, &stable_version));
     common::set_condition(
         &mut status.conditions,
-        common::condition(READY, ready, reason, message, generation, now),
+        common::condition(READY, ready, reason.as_str(), message, generation, now),
     );
     if ready != ConditionStatus::True && requeue.is_none() {
         requeue = Some(rollout::LOADING_RECHECK);
@@ -444,6 +508,7 @@ pub fn transition(
         Stage::Canary => "canary",
         Stage::Paused => "paused",
         Stage::RolledBack => "rolled_back",
+        Stage::Aborted => "aborted",
         Stage::Pending | Stage::Promoted => return None,
     };
     moved.then_some((candidate, to))
@@ -474,16 +539,47 @@ async fn announce_rollout(
         "canary" => "RolloutCanary",
         "paused" => "RolloutPaused",
         "promoted" => "Promoted",
+        "aborted" => "Aborted",
         _ => "RolledBack",
     };
-    ctx.event(
-        md,
-        kube::runtime::events::EventType::Normal,
-        reason,
-        message,
-        "Rollout",
-    )
-    .await;
+    // A rollback is what on-call wants to hear about.
+    let type_ = if to == "rolled_back" {
+        kube::runtime::events::EventType::Warning
+    } else {
+        kube::runtime::events::EventType::Normal
+    };
+    ctx.event(md, type_, reason, message, "Rollout").await;
+}
+
+/// Removes the annotation of the manual action `status` records as handled (after the status
+/// that records it is written, so a crash in between cannot act on it twice).
+async fn clear_handled_action(
+    ctx: &Context,
+    md: &ModelDeployment,
+    ns: &str,
+    status: &ModelDeploymentStatus,
+) -> Result<(), Error> {
+    let Some(annotations) = md.metadata.annotations.as_ref() else {
+        return Ok(());
+    };
+    let handled = rollout::Action::ALL.into_iter().find(|a| {
+        annotations.get(a.annotation()).is_some_and(|v| {
+            status.last_action.as_deref() == Some(rollout::action_record(*a, v).as_str())
+        })
+    });
+    let Some(action) = handled else {
+        return Ok(());
+    };
+    let patch = serde_json::json!({"metadata": {"annotations": {action.annotation(): null}}});
+    Api::<ModelDeployment>::namespaced(ctx.client.clone(), ns)
+        .patch(
+            &md.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
 }
 
 /// Applies one child object with server-side apply under the operator's field manager.
@@ -538,12 +634,18 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         .namespace()
         .ok_or_else(|| Error::NoNamespace(md.name_any()))?;
     let mut assessment = assess(&md);
-    let mut observed = Fleet::default();
+    let mut observed = Observed::default();
     if assessment.is_accepted() {
         apply_workload(&ctx, &ns, &md).await?;
         let endpoints =
             fleet::endpoints(&ctx.client, &ns, &scorer::name(&md), scorer::PORT_NAME).await?;
-        observed = fleet::observe(&endpoints).await;
+        observed = Observed {
+            fleet: fleet::observe(&endpoints).await,
+            analysis: ctx
+                .analyses
+                .observe(&md, &endpoints, Timestamp::now())
+                .await,
+        };
     }
     let (mut status, mut requeue) = desired_status(&md, &assessment, &observed, Timestamp::now());
     if assessment.is_accepted() {
@@ -561,6 +663,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     if write_status(&ctx, md.as_ref(), &before, &status).await? {
         announce_rollout(&ctx, &md, &before, &status).await;
     }
+    clear_handled_action(&ctx, &md, &ns, &status).await?;
     // A timed step ends, or scorer pods finish loading, before the periodic resync: look
     // again then.
     Ok(match requeue {
@@ -599,7 +702,7 @@ spec:
 "#;
 
     /// Two ready scorer pods with `versions` of `als` loaded.
-    fn pods(versions: &[&str]) -> Fleet {
+    fn pods(versions: &[&str]) -> Observed {
         use recsys_core::serving::fleet::{LoadedVersion, PodReport, ScorerStatus};
         let status = ScorerStatus {
             routing_revision: Some("sha256:t".into()),
@@ -624,6 +727,7 @@ spec:
                 })
                 .collect(),
         }
+        .into()
     }
 
     fn table(md: &ModelDeployment, status: &ModelDeploymentStatus) -> RoutingTable {
@@ -694,7 +798,7 @@ spec:
         let m = md(ALS);
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
         // No pods yet: waiting, not ready, looked at again soon.
-        let (s, requeue) = desired_status(&m, &assess(&m), &Fleet::default(), now);
+        let (s, requeue) = desired_status(&m, &assess(&m), &Observed::default(), now);
         assert_eq!((s.stage, s.stable_version.clone()), (Stage::Pending, None));
         assert_eq!(requeue, Some(rollout::LOADING_RECHECK));
         let ready = common::find_condition(&s.conditions, READY).expect("ready");
@@ -720,7 +824,7 @@ spec:
                 }),
             }],
         };
-        let (s, requeue) = desired_status(&m, &assess(&m), &fleet, now);
+        let (s, requeue) = desired_status(&m, &assess(&m), &fleet.into(), now);
         assert_eq!((s.stage, s.stable_version.clone()), (Stage::Pending, None));
         assert_eq!(requeue, Some(rollout::REFUSED_RECHECK));
         assert!(s.history.is_empty(), "{:?}", s.history);
@@ -747,7 +851,7 @@ spec:
     }
 
     #[test]
-    fn a_later_version_is_shadowed_then_held_at_the_analysis_gate() {
+    fn a_later_version_is_shadowed_then_held_until_its_analysis_succeeds() {
         let mut m = md(ALS);
         let now: Timestamp = "2026-11-26T00:00:00Z".parse().expect("ts");
         let both = pods(&["20261126-0700", "20261127-0700"]);
@@ -759,7 +863,8 @@ spec:
         assert_eq!(s.stable_version.as_deref(), Some("20261126-0700"));
         assert_eq!(s.candidate_version.as_deref(), Some("20261127-0700"));
         assert_eq!(s.stage, Stage::Shadow);
-        assert_eq!(requeue, Some(std::time::Duration::from_secs(30 * 60)));
+        // The fixture analyses every minute while the candidate is shadowed.
+        assert_eq!(requeue, Some(std::time::Duration::from_secs(60)));
         let progressing = common::find_condition(&s.conditions, PROGRESSING).expect("cond");
         assert_eq!(
             (progressing.status.as_str(), progressing.reason.as_str()),
@@ -778,17 +883,20 @@ spec:
         assert_eq!(route.canary(), None);
         assert_eq!(route.salt(), "2026-q4");
 
-        // The fixture sets analysis thresholds, which this version cannot check: after the
-        // shadow step it holds rather than send users to the candidate.
+        // After the shadow step it holds until an analysis of the shadow succeeds, and says
+        // so; the scorer pods' analysis runs arrive in `Observed`.
         m.status = Some(s);
         let later: Timestamp = "2026-11-26T00:31:00Z".parse().expect("ts");
         let (held, requeue) = desired_status(&m, &assess(&m), &both, later);
         assert_eq!(
             (held.stage, held.canary_weight, requeue),
-            (Stage::Shadow, 0, None)
+            (Stage::Shadow, 0, Some(std::time::Duration::from_secs(60)))
         );
         let progressing = common::find_condition(&held.conditions, PROGRESSING).expect("cond");
-        assert_eq!(progressing.reason, "AnalysisUnavailable");
+        assert_eq!(
+            (progressing.status.as_str(), progressing.reason.as_str()),
+            ("True", "Analyzing")
+        );
 
         // Set back to the stable version: nothing to roll out.
         m.status = Some(held);
@@ -866,7 +974,7 @@ spec:
     fn problems_name_the_step() {
         let mut m = md(ALS);
         m.spec.strategy.steps[0].shadow = Some(serde_yaml::from_str("duration: 5w").expect("yaml"));
-        m.spec.strategy.analysis.interval = "1s".into();
+        m.spec.strategy.analysis.interval = "500ms".into();
         m.spec.artifacts.endpoint = Some("seaweedfs:8333".into());
         let got = assess(&m);
         let fields: Vec<&str> = got.problems.iter().map(|p| p.field.as_str()).collect();

@@ -490,6 +490,31 @@ impl Recommender {
 
     /// `GET /v1/recommendations`.
     pub async fn recommend(&self, req: RecommendRequest) -> Result<Answer, ApiError> {
+        let (model, user) = (req.model.clone(), req.user_id.clone());
+        let answer = self.recommend_steps(req).await;
+        if let Err(e) = &answer {
+            self.failed("recommendations", model, &user, e);
+        }
+        answer
+    }
+
+    /// Counts a request that failed on the server's side against the variant its user is
+    /// routed to (the rollout analysis compares the variants' error rates).
+    fn failed(&self, endpoint: &'static str, model: Option<String>, user: &str, e: &ApiError) {
+        if e.status < 500 {
+            return;
+        }
+        let model = model.unwrap_or_else(|| self.options.default_model.clone());
+        let variant = self
+            .models
+            .snapshot()
+            .resolve(&model, Some(user))
+            .ok()
+            .map(|r| r.variant);
+        self.metrics.failed(endpoint, variant);
+    }
+
+    async fn recommend_steps(&self, req: RecommendRequest) -> Result<Answer, ApiError> {
         let started = Instant::now();
         Self::check_user(&req.user_id)?;
         if req.k == 0 || req.k > self.options.max_k {
@@ -713,6 +738,20 @@ impl Recommender {
 
     /// `POST /v1/scores`: the user's affinity to each candidate and the ranking, in one pass.
     pub async fn score(
+        &self,
+        user_id: String,
+        product_ids: Vec<String>,
+        model: Option<String>,
+    ) -> Result<Answer, ApiError> {
+        let user = user_id.clone();
+        let answer = self.score_steps(user_id, product_ids, model.clone()).await;
+        if let Err(e) = &answer {
+            self.failed("scores", model, &user, e);
+        }
+        answer
+    }
+
+    async fn score_steps(
         &self,
         user_id: String,
         product_ids: Vec<String>,
