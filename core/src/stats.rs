@@ -38,7 +38,12 @@ mod tests {
     #[test]
     fn psi_is_zero_for_the_same_shares_and_grows_with_the_shift() {
         let base = [10.0, 20.0, 30.0, 40.0];
-        assert!(psi(&base, &[20.0, 40.0, 60.0, 80.0]).expect("a figure").abs() < 1e-12);
+        assert!(
+            psi(&base, &[20.0, 40.0, 60.0, 80.0])
+                .expect("a figure")
+                .abs()
+                < 1e-12
+        );
         let small = psi(&base, &[12.0, 20.0, 30.0, 38.0]).expect("a figure");
         let large = psi(&base, &[40.0, 30.0, 20.0, 10.0]).expect("a figure");
         assert!(small > 0.0 && small < 0.1, "{small}");

@@ -10,6 +10,7 @@ pub mod args;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
+pub mod plugin;
 pub mod registry;
 pub mod server;
 

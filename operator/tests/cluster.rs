@@ -1695,3 +1695,138 @@ async fn an_operator_killed_mid_canary_resumes_at_the_same_step_with_the_same_us
     );
     Ok(())
 }
+
+/// Runs `kubectl recsys <args>` in `ns`: (success, stdout, stderr).
+fn plugin(env: &TestEnv, ns: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_kubectl-recsys"))
+        .env("KUBECONFIG", env.var("KUBECONFIG")?)
+        .env("USER", "tester")
+        .args(["-n", ns])
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn abort_retry_promote_and_undo_through_the_kubectl_plugin() -> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-plugin").await?;
+    let _op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    for (i, v) in ["v1", "v2"].iter().enumerate() {
+        scorers.publish("als", v, i as u64 + 1).await?;
+    }
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["strategy"] =
+        json!({"steps": [{"canary": {"weight": 40}}, {"pause": {}}, {"full": {}}]});
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+    let canary = || async {
+        let t = routing_of(&cms.get("als-routing").await?)?;
+        anyhow::Ok(
+            t.route("als")
+                .and_then(|r| r.canary().map(|c| (c.version().to_owned(), c.weight()))),
+        )
+    };
+    let stage_is = |want: Stage| {
+        let mds = mds.clone();
+        async move { Ok(md_status(&mds, "als").await?.stage == want) }
+    };
+
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "v2 at the pause", || stage_is(Stage::Paused)).await?;
+    let (ok, out, err) = plugin(&env, &ns.name, &["status", "als"])?;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Candidate:  v2")
+            && out.contains("Step:       1/3 (pause)")
+            && out.contains("candidate 40%"),
+        "{out}"
+    );
+    // Not at a pause → refused with what to do instead; here it is at one.
+    let (ok, _, err) = plugin(&env, &ns.name, &["retry", "als"])?;
+    assert!(
+        !ok && err.contains("only an aborted or rolled-back"),
+        "{err}"
+    );
+
+    // Abort: every user back on stable, the candidate kept registered, the annotation gone.
+    let (ok, _, err) = plugin(&env, &ns.name, &["abort", "als"])?;
+    assert!(ok, "{err}");
+    wait_for(WAIT, "aborted", || stage_is(Stage::Aborted)).await?;
+    assert_eq!(canary().await?, None);
+    let md = mds.get("als").await?;
+    let s = md.status.clone().unwrap_or_default();
+    assert_eq!(s.stable_version.as_deref(), Some("v1"));
+    assert!(s.history[0].reason.contains("tester"), "{:?}", s.history[0]);
+    wait_for(WAIT, "the abort annotation removed", || async {
+        let md = mds.get("als").await?;
+        Ok(!md.annotations().contains_key("recsys.io/abort"))
+    })
+    .await?;
+    every_user_on(&scorers, "v1").await?;
+
+    // Retry starts over: the canary at 40% again, then the pause.
+    let (ok, _, err) = plugin(&env, &ns.name, &["retry", "als"])?;
+    assert!(ok, "{err}");
+    wait_for(WAIT, "v2 at the pause again", || stage_is(Stage::Paused)).await?;
+    assert_eq!(canary().await?, Some(("v2".into(), 40)));
+
+    // Promote (no --full) approves the pause; the full step promotes.
+    let (ok, out, err) = plugin(&env, &ns.name, &["promote", "als"])?;
+    assert!(ok && out.contains("step 1 approved"), "{out}{err}");
+    wait_for(WAIT, "v2 promoted", || async {
+        Ok(md_status(&mds, "als").await?.stable_version.as_deref() == Some("v2"))
+    })
+    .await?;
+    every_user_on(&scorers, "v2").await?;
+    // The approval ended with its rollout: a later rollout's pause is not approved by it.
+    wait_for(WAIT, "the approval removed", || async {
+        Ok(!mds
+            .get("als")
+            .await?
+            .annotations()
+            .contains_key("recsys.io/approve"))
+    })
+    .await?;
+
+    // Undo: v1, stable before, is stable again at once, without the steps.
+    let (ok, out, err) = plugin(&env, &ns.name, &["undo", "als"])?;
+    assert!(ok && out.contains("undo to v1"), "{out}{err}");
+    wait_for(WAIT, "v1 stable again", || async {
+        Ok(md_status(&mds, "als").await?.stable_version.as_deref() == Some("v1"))
+    })
+    .await?;
+    let s = md_status(&mds, "als").await?;
+    assert!(
+        s.history[0].reason.contains("undo by hand"),
+        "{:?}",
+        s.history[0]
+    );
+    assert_eq!(mds.get("als").await?.spec.version, "v1");
+    every_user_on(&scorers, "v1").await?;
+    let (ok, out, _) = plugin(&env, &ns.name, &["history", "als"])?;
+    assert!(ok);
+    let outcomes: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["Promoted", "Promoted", "Aborted", "Promoted"],
+        "{out}"
+    );
+    // An undo to a version never stable is refused by the plugin.
+    let (ok, _, err) = plugin(&env, &ns.name, &["undo", "als", "--to-version", "v9"])?;
+    assert!(!ok && err.contains("never stable"), "{err}");
+    Ok(())
+}

@@ -552,7 +552,8 @@ async fn announce_rollout(
 }
 
 /// Removes the annotation of the manual action `status` records as handled (after the status
-/// that records it is written, so a crash in between cannot act on it twice).
+/// that records it is written, so a crash in between cannot act on it twice), and an approval
+/// left from a rollout that has ended.
 async fn clear_handled_action(
     ctx: &Context,
     md: &ModelDeployment,
@@ -567,10 +568,25 @@ async fn clear_handled_action(
             status.last_action.as_deref() == Some(rollout::action_record(*a, v).as_str())
         })
     });
-    let Some(action) = handled else {
+    // An approval belongs to one rollout: once it has ended, a later rollout must not find
+    // its pause approved.
+    let ended = status.candidate_version.is_none()
+        || matches!(status.stage, Stage::Aborted | Stage::RolledBack);
+    let stale_approval = ended && annotations.contains_key(rollout::APPROVE_ANNOTATION);
+    let mut remove = serde_json::Map::new();
+    if let Some(action) = handled {
+        remove.insert(action.annotation().to_owned(), serde_json::Value::Null);
+    }
+    if stale_approval {
+        remove.insert(
+            rollout::APPROVE_ANNOTATION.to_owned(),
+            serde_json::Value::Null,
+        );
+    }
+    if remove.is_empty() {
         return Ok(());
-    };
-    let patch = serde_json::json!({"metadata": {"annotations": {action.annotation(): null}}});
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": remove}});
     Api::<ModelDeployment>::namespaced(ctx.client.clone(), ns)
         .patch(
             &md.name_any(),
