@@ -1538,6 +1538,7 @@ async fn a_candidate_with_skewed_scores_is_rolled_back_within_failure_limit_inte
     scorers.publish_scaled("als", "v2", 1, 3.0).await?;
     let mut body = example("modeldeployment", &ns.name)?;
     body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["artifacts"] = json!({"uri": scorers.artifacts_uri()});
     body["spec"]["version"] = json!("v1");
     body["spec"]["strategy"] = json!({
         "steps": [{"canary": {"weight": 50, "duration": "10m"}}, {"full": {}}],
@@ -1605,6 +1606,35 @@ async fn a_candidate_with_skewed_scores_is_rolled_back_within_failure_limit_inte
         report.failed.is_empty(),
         "lost requests: {:?}",
         report.failed
+    );
+    // The history is in the model's registry too, with who, why and the failed run.
+    let events = scorers.registry.rollouts("als").await?;
+    let moves: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.version.as_str(), e.transition.as_str()))
+        .collect();
+    assert_eq!(
+        moves,
+        [("v2", "rolled_back"), ("v2", "canary"), ("v1", "promoted")],
+        "{events:?}"
+    );
+    let back = &events[0];
+    assert_eq!(
+        (
+            back.by.as_str(),
+            back.stable.as_deref(),
+            back.deployment.as_str()
+        ),
+        (
+            "recsys-operator",
+            Some("v1"),
+            format!("{}/als", ns.name).as_str()
+        )
+    );
+    assert!(back.reason.contains("ScoreDrift"), "{}", back.reason);
+    assert_eq!(
+        back.analysis.as_ref().map(|a| a["verdict"].clone()),
+        Some(json!("Failed"))
     );
     assert_eq!(
         op.metric(
@@ -1724,6 +1754,7 @@ async fn abort_retry_promote_and_undo_through_the_kubectl_plugin() -> anyhow::Re
     let mut body = example("modeldeployment", &ns.name)?;
     body["spec"]["scorer"]["replicas"] = json!(0);
     body["spec"]["version"] = json!("v1");
+    body["spec"]["artifacts"] = json!({"uri": scorers.artifacts_uri()});
     body["spec"]["strategy"] =
         json!({"steps": [{"canary": {"weight": 40}}, {"pause": {}}, {"full": {}}]});
     apply(&mds, "als", &body).await?;
@@ -1824,6 +1855,18 @@ async fn abort_retry_promote_and_undo_through_the_kubectl_plugin() -> anyhow::Re
         outcomes,
         ["Promoted", "Promoted", "Aborted", "Promoted"],
         "{out}"
+    );
+    // Who did what is in the registry's history as well.
+    let aborted = scorers
+        .registry
+        .rollouts("als")
+        .await?
+        .into_iter()
+        .find(|e| e.transition == "aborted")
+        .context("the abort in the registry")?;
+    assert!(
+        aborted.by.starts_with("recsys.io/abort=tester at "),
+        "{aborted:?}"
     );
     // An undo to a version never stable is refused by the plugin.
     let (ok, _, err) = plugin(&env, &ns.name, &["undo", "als", "--to-version", "v9"])?;

@@ -69,6 +69,12 @@ impl HostScorers {
         Ok((dir, registry))
     }
 
+    /// The scorers' registry as a ModelDeployment names it (`file:///…`), so that the operator
+    /// records the rollout history where the scorers load from.
+    pub fn artifacts_uri(&self) -> String {
+        format!("file://{}", self._dir.path().display())
+    }
+
     /// Publishes version `version` of model `model`: [`USERS`] users `u0`, `u1`, …, 40
     /// products, 8 random factors from `seed`.
     pub async fn publish(&self, model: &str, version: &str, seed: u64) -> anyhow::Result<()> {

@@ -765,6 +765,27 @@ async fn end_to_end(
     let history = mds.get(MODEL).await?.data["status"]["history"].clone();
     assert_eq!(history[0]["version"], json!(new_version), "{history}");
     assert_eq!(history[1]["version"], json!(version), "{history}");
+    // The operator pod recorded every move in the model's registry on S3 too, with the
+    // credentials Secret the ModelDeployment names.
+    let registry = recsys_core::artifacts::Registry::new(
+        recsys_core::stores::artifact_store(
+            &store,
+            &env.s3_args(recsys_core::stores::ChecksumMode::WhenSupported)?,
+        )
+        .await?,
+    );
+    let moves: Vec<(String, String)> = registry
+        .rollouts(MODEL)
+        .await?
+        .into_iter()
+        .map(|e| (e.version, e.transition))
+        .collect();
+    let expected = [
+        (new_version.clone(), "promoted".to_owned()),
+        (new_version.clone(), "canary".to_owned()),
+        (version.clone(), "promoted".to_owned()),
+    ];
+    assert_eq!(moves, expected, "the registry's rollout history");
     let (code, body) = node
         .toolbox_run(
             &env,

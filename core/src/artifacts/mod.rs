@@ -58,6 +58,7 @@ mod format;
 mod local;
 mod manifest;
 mod registry;
+mod rollouts;
 mod s3;
 mod store;
 
@@ -71,6 +72,7 @@ pub use registry::{
     CHAMPION, LoadedModel, PREVIOUS, Registry, generate_version, validate_alias,
     validate_model_name, validate_version,
 };
+pub use rollouts::RolloutEvent;
 pub use s3::S3Store;
 pub use store::{ArtifactStore, Revision, Versioned, validate_key};
 

@@ -4,6 +4,7 @@ pub mod analysis;
 pub mod batch_job;
 pub mod feature_definition;
 pub mod fleet;
+pub mod history;
 pub mod model_deployment;
 pub mod rollout;
 pub mod scorer;

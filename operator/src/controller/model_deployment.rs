@@ -38,7 +38,7 @@ use recsys_crds::{ModelDeployment, ModelDeploymentStatus, Stage};
 use tracing::instrument;
 
 use super::{
-    Assessment, Context, Error, FIELD_MANAGER, Problem, fleet, rollout, scorer, stamped,
+    Assessment, Context, Error, FIELD_MANAGER, Problem, fleet, history, rollout, scorer, stamped,
     write_status,
 };
 
@@ -548,7 +548,19 @@ async fn announce_rollout(
     } else {
         kube::runtime::events::EventType::Normal
     };
+    let event = history::event(md, before, after, &version, to, &message, Timestamp::now());
     ctx.event(md, type_, reason, message, "Rollout").await;
+    if let Err(e) = history::record(&ctx.client, md, &event).await {
+        tracing::warn!(error = %e, version, transition = to, "rollout history not recorded in the registry");
+        ctx.event(
+            md,
+            kube::runtime::events::EventType::Warning,
+            "HistoryNotRecorded",
+            format!("the {to} of {version} is not in the registry's history: {e}"),
+            "Rollout",
+        )
+        .await;
+    }
 }
 
 /// Removes the annotation of the manual action `status` records as handled (after the status

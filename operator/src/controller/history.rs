@@ -1,0 +1,132 @@
+//! Every rollout transition of a ModelDeployment, recorded in its model's artifact registry
+//! ([`recsys_core::artifacts::RolloutEvent`]) next to the versions, so the history outlives
+//! the cluster. The operator reaches the store named in `spec.artifacts` with the credentials
+//! of `spec.artifacts.credentialsSecret` (it reads that one Secret, nothing else). A failed
+//! write is a Warning Event (`HistoryNotRecorded`); the rollout goes on.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::Api;
+use recsys_core::artifacts::{Registry, RolloutEvent};
+use recsys_core::stores::{ChecksumMode, S3Args, artifact_store};
+use recsys_crds::{ModelDeployment, ModelDeploymentStatus};
+
+/// Who moved a rollout that no person did.
+pub const OPERATOR: &str = "recsys-operator";
+
+/// The event of a transition from `before` to `after` (`transition` as counted in
+/// `model_deployments_total`) of `version`.
+pub fn event(
+    md: &ModelDeployment,
+    before: &ModelDeploymentStatus,
+    after: &ModelDeploymentStatus,
+    version: &str,
+    transition: &str,
+    reason: &str,
+    now: Timestamp,
+) -> RolloutEvent {
+    let by = match &after.last_action {
+        Some(action) if after.last_action != before.last_action => action.clone(),
+        _ => OPERATOR.to_owned(),
+    };
+    RolloutEvent {
+        at: chrono::DateTime::from_timestamp_millis(now.as_millisecond()).unwrap_or_default(),
+        model: md.spec.model.clone(),
+        version: version.to_owned(),
+        stable: after.stable_version.clone(),
+        transition: transition.to_owned(),
+        weight: after.canary_weight,
+        step: after.current_step,
+        by,
+        reason: reason.to_owned(),
+        deployment: format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any()),
+        analysis: after
+            .analysis
+            .as_ref()
+            .and_then(|a| a.runs.first())
+            .and_then(|r| serde_json::to_value(r).ok()),
+    }
+}
+
+/// The registry of `md`'s artifact store.
+pub async fn registry(client: &kube::Client, md: &ModelDeployment) -> Result<Registry, String> {
+    let a = &md.spec.artifacts;
+    let mut s3 = S3Args {
+        endpoint: a.endpoint.clone(),
+        region: a.region.clone().unwrap_or_else(|| "us-east-1".into()),
+        force_path_style: a.force_path_style,
+        checksums: ChecksumMode::WhenSupported,
+        access_key_id: None,
+        secret_access_key: None,
+    };
+    if let Some(name) = &a.credentials_secret {
+        let ns = md.namespace().unwrap_or_default();
+        let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+            .get(name)
+            .await
+            .map_err(|e| format!("Secret {ns}/{name} (spec.artifacts.credentialsSecret): {e}"))?;
+        let data = secret.data.unwrap_or_default();
+        let key = |k: &str, data: &BTreeMap<String, ByteString>| {
+            data.get(k)
+                .and_then(|v| String::from_utf8(v.0.clone()).ok())
+                .ok_or_else(|| format!("Secret {ns}/{name} has no {k}"))
+        };
+        s3.access_key_id = Some(key("AWS_ACCESS_KEY_ID", &data)?);
+        s3.secret_access_key = Some(key("AWS_SECRET_ACCESS_KEY", &data)?);
+    }
+    let spec = a.uri.strip_prefix("file://").unwrap_or(&a.uri);
+    let store = artifact_store(spec, &s3).await.map_err(|e| e.to_string())?;
+    Ok(Registry::new(store))
+}
+
+/// Records `event` in `md`'s registry.
+pub async fn record(
+    client: &kube::Client,
+    md: &ModelDeployment,
+    event: &RolloutEvent,
+) -> Result<(), String> {
+    let registry = registry(client, md).await?;
+    registry
+        .record_rollout(event)
+        .await
+        .map_err(|e| format!("{}: {e}", md.spec.artifacts.uri))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_names_who_moved_the_rollout() {
+        let md: ModelDeployment = serde_yaml::from_str(
+            r#"
+apiVersion: recsys.io/v1alpha1
+kind: ModelDeployment
+metadata: { name: als, namespace: shop }
+spec: { model: als, version: v2, artifacts: { uri: "s3://models/recsys" } }
+"#,
+        )
+        .expect("fixture");
+        let before = ModelDeploymentStatus::default();
+        let mut after = ModelDeploymentStatus {
+            stable_version: Some("v1".into()),
+            canary_weight: 10,
+            current_step: Some(1),
+            ..Default::default()
+        };
+        let now: Timestamp = "2026-12-05T09:00:00.123Z".parse().expect("ts");
+        let e = event(&md, &before, &after, "v2", "canary", "step 1", now);
+        assert_eq!(
+            (e.by.as_str(), e.deployment.as_str(), e.weight, e.step),
+            (OPERATOR, "shop/als", 10, Some(1))
+        );
+        assert_eq!(e.at.to_rfc3339(), "2026-12-05T09:00:00.123+00:00");
+        after.last_action = Some("recsys.io/abort=alice".into());
+        let e = event(&md, &before, &after, "v2", "aborted", "by hand", now);
+        assert_eq!(e.by, "recsys.io/abort=alice");
+    }
+}
