@@ -438,7 +438,9 @@ pub enum Exposure {
 }
 
 /// The verdict of an analysis or one of its checks.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 pub enum Verdict {
     /// Within the threshold.
     Successful,
@@ -449,7 +451,9 @@ pub enum Verdict {
 }
 
 /// A check of the live analysis.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr,
+)]
 pub enum CheckKind {
     /// Share of canary requests that failed (`maxErrorRate`).
     ErrorRate,
@@ -459,6 +463,20 @@ pub enum CheckKind {
     ScoreDrift,
     /// Mean top-k overlap of the shadow with stable (`minTopKOverlap`).
     TopKOverlap,
+}
+
+impl CheckKind {
+    /// The name in status, messages and metric labels.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+impl Verdict {
+    /// The name in status and metric labels.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// One check of an analysis run.

@@ -43,8 +43,20 @@ pub struct DeploymentLabels {
     pub model_name: String,
     /// The version that moved.
     pub version: String,
-    /// Where it moved to: `shadow`, `canary`, `paused`, `promoted` or `rolled_back`.
+    /// Where it moved to: `shadow`, `canary`, `paused`, `promoted`, `rolled_back` or
+    /// `aborted`.
     pub status: &'static str,
+}
+
+/// Labels of `model_deployment_analysis_checks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnalysisLabels {
+    /// The model.
+    pub model_name: String,
+    /// `ErrorRate`, `P99Latency`, `ScoreDrift` or `TopKOverlap`.
+    pub check: &'static str,
+    /// `Successful`, `Failed` or `Inconclusive`.
+    pub verdict: &'static str,
 }
 
 /// Labels of per-BatchJob series. The seed names them by `job_name`; with the namespace, one
@@ -95,6 +107,8 @@ pub struct Metrics {
     pub registry_operations: Family<RegistryLabels, Counter>,
     /// Rollout transitions of ModelDeployments (`model_deployments_total`).
     pub deployments: Family<DeploymentLabels, Counter>,
+    /// Checks of live rollout analyses (`model_deployment_analysis_checks_total`).
+    pub analysis_checks: Family<AnalysisLabels, Counter>,
     /// Finished BatchJob runs by outcome (`batch_job_executions_total`).
     pub batch_executions: Family<ExecutionLabels, Counter>,
     /// Wall time of finished runs, from start to end (`batch_job_duration_seconds`).
@@ -150,6 +164,12 @@ impl Default for Metrics {
             "Rollout transitions of ModelDeployments, by model, version and where it moved to",
             deployments.clone(),
         );
+        let analysis_checks = Family::<AnalysisLabels, Counter>::default();
+        registry.register(
+            "model_deployment_analysis_checks",
+            "Checks of live rollout analyses, by model, check and verdict",
+            analysis_checks.clone(),
+        );
         let batch_executions = Family::<ExecutionLabels, Counter>::default();
         registry.register(
             "batch_job_executions",
@@ -186,6 +206,7 @@ impl Default for Metrics {
         Self {
             registry,
             deployments,
+            analysis_checks,
             batch_executions,
             batch_duration,
             batch_failures,

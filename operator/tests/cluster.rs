@@ -1643,6 +1643,10 @@ async fn a_candidate_with_skewed_scores_is_rolled_back_within_failure_limit_inte
         .await?,
         Some(1.0)
     );
+    let failed_checks = op
+        .metric("model_deployment_analysis_checks_total{model_name=\"als\",check=\"ScoreDrift\",verdict=\"Failed\"}")
+        .await?;
+    assert!(failed_checks >= Some(2.0), "{failed_checks:?}");
     Ok(())
 }
 

@@ -674,6 +674,16 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
                 .observe(&md, &endpoints, Timestamp::now())
                 .await,
         };
+        for check in observed.analysis.iter().flat_map(|r| &r.checks) {
+            ctx.metrics
+                .analysis_checks
+                .get_or_create(&crate::metrics::AnalysisLabels {
+                    model_name: md.spec.model.clone(),
+                    check: check.check.as_str(),
+                    verdict: check.verdict.as_str(),
+                })
+                .inc();
+        }
     }
     let (mut status, mut requeue) = desired_status(&md, &assessment, &observed, Timestamp::now());
     if assessment.is_accepted() {

@@ -571,7 +571,7 @@ fn take_run(
             .checks
             .iter()
             .filter(|c| c.verdict == Verdict::Failed)
-            .map(|c| format!("{:?}: {}", c.check, c.message))
+            .map(|c| format!("{}: {}", c.check.as_str(), c.message))
             .collect();
         format!(
             "{} failed analyses in a row (failureLimit {limit}), the last at step {}: {}",
@@ -604,7 +604,7 @@ fn analysis_gate(
         r.checks
             .iter()
             .filter(|c| c.verdict == r.verdict)
-            .map(|c| format!("{:?}: {}", c.check, c.message))
+            .map(|c| format!("{}: {}", c.check.as_str(), c.message))
             .collect::<Vec<_>>()
             .join("; ")
     };
