@@ -388,6 +388,39 @@ pub struct ModelDeploymentStatus {
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub history: Vec<RolloutRecord>,
+    /// Rollout transitions not yet recorded in the model's artifact registry (its store could
+    /// not be written), oldest first, at most 20; retried at every reconciliation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub unrecorded_transitions: Vec<Transition>,
+}
+
+/// One transition of a rollout, as recorded in the model's artifact registry.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Transition {
+    /// When it happened.
+    pub at: Time,
+    /// The version that moved.
+    pub version: String,
+    /// Where it moved: `shadow`, `canary`, `paused`, `promoted`, `rolled_back`, `aborted`.
+    pub transition: String,
+    /// The stable version after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<String>,
+    /// Percentage of users on the candidate after it.
+    pub weight: i32,
+    /// The step, while a rollout is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i32>,
+    /// Who or what moved it: `recsys-operator`, or the manual action and who asked.
+    pub by: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+    /// The last analysis run at the time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisRun>,
 }
 
 /// The live analysis of a rollout: one run every `spec.strategy.analysis.interval` while the

@@ -1340,6 +1340,33 @@ async fn a_version_the_scorers_refuse_is_never_routed() -> anyhow::Result<()> {
     body["spec"]["strategy"] = json!({"steps": [{"canary": {"weight": 50}}, {"pause": {}}]});
     apply(&mds, "als", &body).await?;
     wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+    // The example's store is not reachable from here: the first promotion waits in the
+    // status to be recorded in the registry; pointed at a store that works, it is recorded
+    // and leaves the queue.
+    let queued = md_status(&mds, "als").await?.unrecorded_transitions;
+    assert_eq!(
+        queued
+            .iter()
+            .map(|t| (t.version.as_str(), t.transition.as_str()))
+            .collect::<Vec<_>>(),
+        [("v1", "promoted")]
+    );
+    body["spec"]["artifacts"] = json!({"uri": scorers.artifacts_uri()});
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "the queued transition recorded", || async {
+        Ok(md_status(&mds, "als")
+            .await?
+            .unrecorded_transitions
+            .is_empty())
+    })
+    .await?;
+    let events = scorers.registry.rollouts("als").await?;
+    assert_eq!(
+        events
+            .first()
+            .map(|e| (e.version.as_str(), e.transition.as_str())),
+        Some(("v1", "promoted"))
+    );
 
     let progressing = |md: &ModelDeployment| {
         md.status
@@ -1607,7 +1634,15 @@ async fn a_candidate_with_skewed_scores_is_rolled_back_within_failure_limit_inte
         "lost requests: {:?}",
         report.failed
     );
-    // The history is in the model's registry too, with who, why and the failed run.
+    // The history is in the model's registry too, with who, why and the failed run (written
+    // just after the status that queued it).
+    wait_for(WAIT, "the rollback recorded in the registry", || async {
+        Ok(md_status(&mds, "als")
+            .await?
+            .unrecorded_transitions
+            .is_empty())
+    })
+    .await?;
     let events = scorers.registry.rollouts("als").await?;
     let moves: Vec<(&str, &str)> = events
         .iter()
@@ -1861,6 +1896,13 @@ async fn abort_retry_promote_and_undo_through_the_kubectl_plugin() -> anyhow::Re
         "{out}"
     );
     // Who did what is in the registry's history as well.
+    wait_for(WAIT, "the transitions recorded in the registry", || async {
+        Ok(md_status(&mds, "als")
+            .await?
+            .unrecorded_transitions
+            .is_empty())
+    })
+    .await?;
     let aborted = scorers
         .registry
         .rollouts("als")

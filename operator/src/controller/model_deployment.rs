@@ -48,6 +48,8 @@ pub const ROUTING_KEY: &str = "routing.yaml";
 pub const ROUTING_LABEL: &str = "recsys.io/routing-for";
 /// Condition: a rollout is under way (or waiting to be).
 pub const PROGRESSING: &str = "Progressing";
+/// How soon to retry recording transitions in the registry.
+const HISTORY_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 /// Condition: the last rollout failed its analysis and was rolled back.
 pub const DEGRADED: &str = "Degraded";
 
@@ -548,19 +550,59 @@ async fn announce_rollout(
     } else {
         kube::runtime::events::EventType::Normal
     };
-    let event = history::event(md, before, after, &version, to, &message, Timestamp::now());
     ctx.event(md, type_, reason, message, "Rollout").await;
-    if let Err(e) = history::record(&ctx.client, md, &event).await {
-        tracing::warn!(error = %e, version, transition = to, "rollout history not recorded in the registry");
+}
+
+/// Queues the transition from `before` to `status`, if any, for the registry's history.
+fn queue_transition(before: &ModelDeploymentStatus, status: &mut ModelDeploymentStatus) {
+    let Some((version, to)) = transition(before, status) else {
+        return;
+    };
+    let reason = common::find_condition(&status.conditions, PROGRESSING)
+        .map_or_else(String::new, |c| c.message.clone());
+    let t = history::transition(before, status, &version, to, &reason, Timestamp::now());
+    status.unrecorded_transitions.push(t);
+    let over = status
+        .unrecorded_transitions
+        .len()
+        .saturating_sub(rollout::HISTORY_LIMIT);
+    status.unrecorded_transitions.drain(..over);
+}
+
+/// Writes the queued transitions to the registry and takes the recorded ones off the queue;
+/// a failure is a Warning Event and the rest wait for the next reconciliation.
+async fn record_transitions(
+    ctx: &Context,
+    md: &ModelDeployment,
+    status: &ModelDeploymentStatus,
+) -> Result<(), Error> {
+    let queued = &status.unrecorded_transitions;
+    let (recorded, failure) = history::record(&ctx.client, md, queued).await;
+    // Told once per transition that cannot be recorded, not at every retry.
+    let new = md
+        .status
+        .as_ref()
+        .is_none_or(|s| s.unrecorded_transitions.len() < queued.len());
+    if let Some(e) = failure.filter(|_| new) {
+        tracing::warn!(error = %e, queued = queued.len(), "rollout history not recorded in the registry yet");
         ctx.event(
             md,
             kube::runtime::events::EventType::Warning,
             "HistoryNotRecorded",
-            format!("the {to} of {version} is not in the registry's history: {e}"),
+            format!(
+                "{} rollout transitions wait to be recorded in the registry: {e}",
+                queued.len() - recorded
+            ),
             "Rollout",
         )
         .await;
     }
+    if recorded > 0 {
+        let mut after = status.clone();
+        after.unrecorded_transitions.drain(..recorded);
+        write_status(ctx, md, status, &after).await?;
+    }
+    Ok(())
 }
 
 /// Removes the annotation of the manual action `status` records as handled (after the status
@@ -698,8 +740,13 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         }
     }
     let before = md.status.clone().unwrap_or_default();
+    queue_transition(&before, &mut status);
     if write_status(&ctx, md.as_ref(), &before, &status).await? {
         announce_rollout(&ctx, &md, &before, &status).await;
+    }
+    record_transitions(&ctx, &md, &status).await?;
+    if !status.unrecorded_transitions.is_empty() {
+        requeue = Some(requeue.map_or(HISTORY_RETRY, |r| r.min(HISTORY_RETRY)));
     }
     clear_handled_action(&ctx, &md, &ns, &status).await?;
     // A timed step ends, or scorer pods finish loading, before the periodic resync: look
