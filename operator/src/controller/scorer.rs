@@ -18,11 +18,10 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
-    EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretEnvSource,
-    SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service,
+    ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -264,24 +263,10 @@ pub fn deployment(md: &ModelDeployment, settings: &ScorerSettings) -> Deployment
     ];
     // After envFrom in precedence: the ModelDeployment's store wins over the shared config.
     env.extend(artifact_env);
-    let env_from: Vec<EnvFromSource> = settings
-        .config_map
-        .iter()
-        .map(|name| EnvFromSource {
-            config_map_ref: Some(ConfigMapEnvSource {
-                name: name.clone(),
-                optional: Some(true),
-            }),
-            ..Default::default()
-        })
-        .chain(settings.secret.iter().map(|name| EnvFromSource {
-            secret_ref: Some(SecretEnvSource {
-                name: name.clone(),
-                optional: Some(true),
-            }),
-            ..Default::default()
-        }))
-        .collect();
+    let env_from = super::batch_job::build::shared_env_from(
+        settings.config_map.as_deref(),
+        settings.secret.as_deref(),
+    );
     let container = Container {
         name: CONTAINER.to_owned(),
         image: Some(spec.image.clone().unwrap_or_else(|| settings.image.clone())),

@@ -63,27 +63,32 @@ pub fn default_resources(kind: JobKind) -> ResourceRequirements {
     }
 }
 
-/// The Job spec of one run with trainer arguments `args`.
-pub fn job_spec(bj: &BatchJob, settings: &TrainerSettings, args: Vec<String>) -> JobSpec {
-    let spec = &bj.spec;
-    let env_from: Vec<EnvFromSource> = settings
-        .config_map
-        .iter()
+/// The shared store settings every recsys pod reads: the ConfigMap and Secret the chart names,
+/// both optional (a pod starts without them and its own defaults apply).
+pub fn shared_env_from(config_map: Option<&str>, secret: Option<&str>) -> Vec<EnvFromSource> {
+    config_map
         .map(|name| EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource {
-                name: name.clone(),
+                name: name.to_owned(),
                 optional: Some(true),
             }),
             ..Default::default()
         })
-        .chain(settings.secret.iter().map(|name| EnvFromSource {
+        .into_iter()
+        .chain(secret.map(|name| EnvFromSource {
             secret_ref: Some(SecretEnvSource {
-                name: name.clone(),
+                name: name.to_owned(),
                 optional: Some(true),
             }),
             ..Default::default()
         }))
-        .collect();
+        .collect()
+}
+
+/// The Job spec of one run with trainer arguments `args`.
+pub fn job_spec(bj: &BatchJob, settings: &TrainerSettings, args: Vec<String>) -> JobSpec {
+    let spec = &bj.spec;
+    let env_from = shared_env_from(settings.config_map.as_deref(), settings.secret.as_deref());
     let env = |name: &str, value: String| EnvVar {
         name: name.into(),
         value: Some(value),
