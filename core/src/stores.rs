@@ -106,6 +106,20 @@ pub struct RedisArgs {
     pub url: String,
 }
 
+/// A Redis connection made on first use, so that a process starts (and degrades) while Redis
+/// is down: connection attempts time out after 500 ms and are retried twice per reconnection;
+/// commands time out after 5 s (the callers' own timeouts are shorter).
+pub fn redis_lazy(url: &str) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(5)))
+        .set_number_of_retries(2)
+        .set_min_delay(std::time::Duration::from_millis(100))
+        .set_max_delay(std::time::Duration::from_secs(1));
+    redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+}
+
 /// Opens a multiplexed, self-reconnecting Redis connection and checks that the server answers.
 pub async fn redis(args: &RedisArgs) -> Result<redis::aio::ConnectionManager, StoreError> {
     let err = |source| StoreError::Redis {

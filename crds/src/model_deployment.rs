@@ -384,6 +384,10 @@ pub struct ModelDeploymentStatus {
     /// The live analysis of the current (or last) rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<AnalysisStatus>,
+    /// The A/B readout of the current (or last) rollout: impressions, click-through and
+    /// conversion of canary against stable, read from the scorers (`GET /v1/experiments`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<ExperimentStatus>,
     /// Past rollouts, newest first, at most 20.
     #[serde(default)]
     #[schemars(length(max = 20))]
@@ -528,6 +532,103 @@ pub struct AnalysisCheck {
     /// The figure, threshold and sample sizes in words.
     #[serde(default)]
     pub message: String,
+}
+
+/// The A/B readout of a rollout: one segment per canary weight the candidate took users at.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentStatus {
+    /// When the scorers were read.
+    pub read_at: Time,
+    /// The candidate compared with stable.
+    pub candidate_version: String,
+    /// How long after a served list a click, cart or purchase is attributed to it.
+    pub attribution_window_seconds: i64,
+    /// Newest first, at most 10.
+    #[serde(default)]
+    #[schemars(length(max = 10))]
+    pub segments: Vec<ExperimentSegment>,
+}
+
+/// The readout of one canary weight.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentSegment {
+    /// Percentage of users routed to the candidate.
+    pub canary_weight: i32,
+    /// The first impression.
+    pub since: Time,
+    /// Stable, then canary.
+    #[serde(default)]
+    pub variants: Vec<ExperimentVariant>,
+    /// Click-through rate of canary against stable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctr: Option<ExperimentComparison>,
+    /// Conversion (impressions followed by a purchase) of canary against stable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversion: Option<ExperimentComparison>,
+    /// The split of users against the canary weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_ratio: Option<ExperimentSampleRatio>,
+    /// The readout in one sentence.
+    #[serde(default)]
+    pub summary: String,
+}
+
+/// One variant's figures in a segment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentVariant {
+    /// `stable` or `canary`.
+    pub variant: String,
+    /// The version it served.
+    pub version: String,
+    /// Distinct users served.
+    pub users: i64,
+    /// Lists served.
+    pub impressions: i64,
+    /// Impressions followed by a click.
+    pub clicks: i64,
+    /// Impressions followed by an add to cart.
+    pub add_to_carts: i64,
+    /// Impressions followed by a purchase.
+    pub purchases: i64,
+    /// `clicks / impressions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctr: Option<f64>,
+    /// `purchases / impressions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversion: Option<f64>,
+}
+
+/// A rate of canary against stable's: the pooled two-proportion z-test.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentComparison {
+    /// Canary's rate ÷ stable's − 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lift: Option<f64>,
+    /// The z statistic (positive: canary is higher).
+    pub z: f64,
+    /// Two-sided p-value.
+    pub p_value: f64,
+    /// `pValue < 0.05` with at least 100 impressions on each side.
+    pub significant: bool,
+}
+
+/// The sample-ratio check: distinct users per variant against the canary weight (χ²).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExperimentSampleRatio {
+    /// The canary weight as a share.
+    pub expected_canary_share: f64,
+    /// The canary's share of the users.
+    pub observed_canary_share: f64,
+    /// χ² goodness of fit.
+    pub p_value: f64,
+    /// `pValue < 0.001` with at least 100 users: the split is not what routing promised, and
+    /// the segment's other figures are suspect.
+    pub mismatch: bool,
 }
 
 /// The scorer pods behind the Service, as their `/v1/status` reports them.

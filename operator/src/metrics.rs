@@ -59,6 +59,26 @@ pub struct AnalysisLabels {
     pub verdict: &'static str,
 }
 
+/// Labels of the A/B readout's per-variant gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExperimentVariantLabels {
+    /// The model.
+    pub model_name: String,
+    /// `stable` or `canary`.
+    pub variant: String,
+    /// `impressions`, `users`, `ctr` or `conversion`.
+    pub metric: &'static str,
+}
+
+/// Labels of the A/B readout's tests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExperimentTestLabels {
+    /// The model.
+    pub model_name: String,
+    /// `ctr`, `conversion` or `sample_ratio`.
+    pub test: &'static str,
+}
+
 /// Labels of per-BatchJob series. The seed names them by `job_name`; with the namespace, one
 /// series per BatchJob, which a cluster has tens of, not per run.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +129,10 @@ pub struct Metrics {
     pub deployments: Family<DeploymentLabels, Counter>,
     /// Checks of live rollout analyses (`model_deployment_analysis_checks_total`).
     pub analysis_checks: Family<AnalysisLabels, Counter>,
+    /// The current segment's figures per variant (`model_deployment_experiment_value`).
+    pub experiment_values: Family<ExperimentVariantLabels, Gauge<f64, AtomicU64>>,
+    /// The current segment's p-values (`model_deployment_experiment_p_value`).
+    pub experiment_p_values: Family<ExperimentTestLabels, Gauge<f64, AtomicU64>>,
     /// Finished BatchJob runs by outcome (`batch_job_executions_total`).
     pub batch_executions: Family<ExecutionLabels, Counter>,
     /// Wall time of finished runs, from start to end (`batch_job_duration_seconds`).
@@ -170,6 +194,18 @@ impl Default for Metrics {
             "Checks of live rollout analyses, by model, check and verdict",
             analysis_checks.clone(),
         );
+        let experiment_values = Family::<ExperimentVariantLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "model_deployment_experiment_value",
+            "A/B readout of the current canary weight: impressions, users, ctr and conversion per variant",
+            experiment_values.clone(),
+        );
+        let experiment_p_values = Family::<ExperimentTestLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "model_deployment_experiment_p_value",
+            "A/B readout of the current canary weight: p-values of the ctr and conversion tests and of the sample-ratio check",
+            experiment_p_values.clone(),
+        );
         let batch_executions = Family::<ExecutionLabels, Counter>::default();
         registry.register(
             "batch_job_executions",
@@ -207,6 +243,8 @@ impl Default for Metrics {
             registry,
             deployments,
             analysis_checks,
+            experiment_values,
+            experiment_p_values,
             batch_executions,
             batch_duration,
             batch_failures,

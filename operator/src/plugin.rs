@@ -294,6 +294,30 @@ pub fn status(md: &ModelDeployment) -> String {
             }
         }
     }
+    if let Some(x) = &s.experiment {
+        let _ = writeln!(
+            out,
+            "Experiment: {} against stable, read {} (attribution window {} s)",
+            x.candidate_version, x.read_at.0, x.attribution_window_seconds
+        );
+        for seg in &x.segments {
+            let _ = writeln!(out, "  {}%: {}", seg.canary_weight, seg.summary);
+            for v in &seg.variants {
+                let pct =
+                    |r: Option<f64>| r.map_or("n/a".to_owned(), |r| format!("{:.2}%", r * 100.0));
+                let _ = writeln!(
+                    out,
+                    "    {:<7} {:<20} users {:>7}  impressions {:>8}  CTR {:>7}  conversion {:>7}",
+                    v.variant,
+                    v.version,
+                    v.users,
+                    v.impressions,
+                    pct(v.ctr),
+                    pct(v.conversion)
+                );
+            }
+        }
+    }
     out
 }
 

@@ -20,7 +20,7 @@ use recsys_core::features::registry::{
     FeatureRegistry, Lifecycle, PostgresFeatureRegistry, VersionSelector,
 };
 use recsys_core::serving::routing::{
-    RoutingFormat, RoutingMetrics, RoutingSource as _, RoutingTable,
+    RoutingFormat, RoutingMetrics, RoutingSource as _, RoutingTable, bucket,
 };
 use recsys_crds::batch_job::RunOutcome;
 use recsys_crds::common::find_condition;
@@ -1917,5 +1917,303 @@ async fn abort_retry_promote_and_undo_through_the_kubectl_plugin() -> anyhow::Re
     // An undo to a version never stable is refused by the plugin.
     let (ok, _, err) = plugin(&env, &ns.name, &["undo", "als", "--to-version", "v9"])?;
     assert!(!ok && err.contains("never stable"), "{err}");
+    Ok(())
+}
+
+/// What the A/B traffic generator did, per variant: (impressions, impressions clicked).
+#[derive(Debug, Default)]
+struct Generated {
+    stable: (u64, u64),
+    canary: (u64, u64),
+    users: std::collections::BTreeMap<String, String>,
+}
+
+/// One list for `user` from scorer `from`, and a click on its first product with probability
+/// `click[variant]` (decided by a hash, so the run is reproducible) posted to the *other*
+/// scorer, so the attribution crosses pods through Redis.
+async fn serve_and_maybe_click(
+    scorers: &HostScorers,
+    from: usize,
+    user: &str,
+    round: usize,
+    click: (f64, f64),
+    generated: &mut Generated,
+) -> anyhow::Result<()> {
+    let addr = scorers.addrs[from % scorers.addrs.len()];
+    let (status, body) = recsys_tests::http_json(
+        addr,
+        "GET",
+        &format!("/v1/recommendations?user_id={user}&k=5"),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "{status}: {body}");
+    anyhow::ensure!(
+        body["request_id"].as_str().is_some_and(|r| r.len() == 32),
+        "{body}"
+    );
+    let variant = body["variant"].as_str().context("a variant")?.to_owned();
+    let first = body["items"][0]["product_id"]
+        .as_str()
+        .context("a product")?
+        .to_owned();
+    let (p, side) = if variant == "canary" {
+        (click.1, &mut generated.canary)
+    } else {
+        (click.0, &mut generated.stable)
+    };
+    side.0 += 1;
+    generated.users.insert(user.to_owned(), variant);
+    let draw = f64::from(bucket("clicks", &format!("{user}/{round}"))) / 10_000.0;
+    if draw < p {
+        side.1 += 1;
+        let other = scorers.addrs[(from + 1) % scorers.addrs.len()];
+        let event = json!({"events": [
+            {"user_id": user, "product_id": first, "event_type": "click", "timestamp": now_ms()},
+            // A second click on the same list counts once.
+            {"user_id": user, "product_id": first, "event_type": "click", "timestamp": now_ms() + 1}
+        ]});
+        let (status, body) =
+            recsys_tests::http_json(other, "POST", "/v1/events", Some(event)).await?;
+        anyhow::ensure!(status == 202, "{status}: {body}");
+    }
+    Ok(())
+}
+
+/// Waits until every scorer serves a user whose bucket is in `buckets` from the candidate
+/// (its scores: one impression per probe).
+async fn on_canary_everywhere(
+    scorers: &HostScorers,
+    salt: &str,
+    users: &[String],
+    buckets: std::ops::Range<u16>,
+) -> anyhow::Result<()> {
+    let user = users
+        .iter()
+        .find(|u| buckets.contains(&bucket(salt, u)))
+        .context("a user in the buckets")?;
+    wait_for(WAIT, "every scorer on the new table", || async {
+        for addr in &scorers.addrs {
+            let (_, b) = recsys_tests::http_json(
+                *addr,
+                "POST",
+                "/v1/scores",
+                Some(json!({"user_id": user, "product_ids": ["p1"]})),
+            )
+            .await?;
+            if b["variant"] != "canary" {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .await
+}
+
+/// The (impressions, clicks) per variant of the scorers' segment at `weight`, zero if none yet.
+async fn scorer_segment(addr: std::net::SocketAddr, weight: u64) -> anyhow::Result<Generated> {
+    // Impressions are written off the request path: let the queue drain.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) =
+        recsys_tests::http_json(addr, "GET", "/v1/experiments?model=als", None).await?;
+    anyhow::ensure!(status == 200, "{status}: {body}");
+    let mut out = Generated::default();
+    let segments = body["segments"].as_array().cloned().unwrap_or_default();
+    for seg in segments
+        .iter()
+        .filter(|g| g["canary_weight"] == json!(weight))
+    {
+        for v in seg["variants"].as_array().into_iter().flatten() {
+            let counts = (
+                v["impressions"].as_u64().unwrap_or(0),
+                v["clicks"].as_u64().unwrap_or(0),
+            );
+            if v["variant"] == "canary" {
+                out.canary = counts;
+            } else {
+                out.stable = counts;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The status segment of `weight`, once its impressions reach what was generated.
+async fn segment_with(
+    mds: &Api<ModelDeployment>,
+    weight: i32,
+    impressions: u64,
+) -> anyhow::Result<recsys_crds::model_deployment::ExperimentSegment> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = md_status(mds, "als").await?;
+        let seg = s
+            .experiment
+            .and_then(|x| x.segments.into_iter().find(|g| g.canary_weight == weight));
+        match seg {
+            Some(g)
+                if g.variants.iter().map(|v| v.impressions).sum::<i64>() >= impressions as i64 =>
+            {
+                return Ok(g);
+            }
+            other if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("no readout at {weight}% with {impressions} impressions: {other:?}")
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_the_ratio_check()
+-> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-ab").await?;
+    let _op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let redis = env.var("RECSYS_TEST_REDIS_URL")?.to_owned();
+    let prefix = format!("ab{}", now_ms());
+    let scorers = HostScorers::start_with(
+        &env,
+        &client,
+        &ns.name,
+        "als",
+        "als",
+        2,
+        &["--redis-url", &redis, "--redis-prefix", &prefix],
+    )
+    .await?;
+    scorers.publish("als", "v1", 1).await?;
+    scorers.publish("als", "v2", 2).await?;
+    let salt = "ab-readout";
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["routingSalt"] = json!(salt);
+    body["spec"]["strategy"] = json!({
+        "steps": [
+            {"canary": {"weight": 20}}, {"pause": {}},
+            {"canary": {"weight": 50}}, {"pause": {}},
+            {"full": {}}
+        ],
+        "analysis": {"interval": "2s"}
+    });
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    let paused_at = |weight: i32| {
+        let mds = mds.clone();
+        async move {
+            let s = md_status(&mds, "als").await?;
+            Ok(s.stage == Stage::Paused && s.canary_weight == weight)
+        }
+    };
+    wait_for(WAIT, "v2 paused at 20%", || paused_at(20)).await?;
+    let users: Vec<String> = (0..recsys_tests::scorers::USERS)
+        .map(|u| format!("u{u}"))
+        .collect();
+    // Every scorer must follow the table before traffic counts.
+    on_canary_everywhere(&scorers, salt, &users, 0..2000).await?;
+    // The probes were served lists too: they are the baseline of the counts.
+    let mut generated = scorer_segment(scorers.addrs[0], 20).await?;
+
+    // Known CTRs: 10% on stable, 30% on the candidate.
+    for round in 0..5 {
+        for (i, user) in users.iter().enumerate() {
+            serve_and_maybe_click(
+                &scorers,
+                i + round,
+                user,
+                round,
+                (0.10, 0.30),
+                &mut generated,
+            )
+            .await?;
+        }
+    }
+    let total = generated.stable.0 + generated.canary.0;
+    let seg = segment_with(&mds, 20, total).await?;
+    let side = |name: &str| {
+        seg.variants
+            .iter()
+            .find(|v| v.variant == name)
+            .map(|v| (v.impressions as u64, v.clicks as u64))
+    };
+    assert_eq!(side("stable"), Some(generated.stable), "{seg:?}");
+    assert_eq!(side("canary"), Some(generated.canary), "{seg:?}");
+    println!("20%: {}", seg.summary);
+    let ctr = seg.ctr.as_ref().context("a CTR test")?;
+    assert!(
+        ctr.significant && ctr.z > 0.0 && ctr.p_value < 0.001,
+        "a 10% against 30% CTR is found: {seg:?}"
+    );
+    let rate = |(n, x): (u64, u64)| x as f64 / n as f64;
+    let lift = rate(generated.canary) / rate(generated.stable) - 1.0;
+    assert!((ctr.lift.context("lift")? - lift).abs() < 1e-9, "{ctr:?}");
+    let split = seg.sample_ratio.as_ref().context("a split")?;
+    assert!(!split.mismatch, "every user was served: {split:?}");
+    assert!(seg.summary.contains("higher by"), "{}", seg.summary);
+    // The scorers' own readout agrees, whichever pod is asked.
+    let (status, readout) =
+        recsys_tests::http_json(scorers.addrs[1], "GET", "/v1/experiments?model=als", None).await?;
+    assert_eq!(status, 200, "{readout}");
+    assert_eq!(
+        readout["segments"][0]["variants"][1]["clicks"],
+        json!(generated.canary.1),
+        "{readout}"
+    );
+    let (ok, out, err) = plugin(&env, &ns.name, &["status", "als"])?;
+    assert!(
+        ok && out.contains("Experiment: v2") && out.contains("20%: CTR v2"),
+        "{out}{err}"
+    );
+
+    // 50%: four in five candidate users are lost before their list is served (as when the
+    // candidate's page fails to load): the split no longer matches the weight.
+    mds.patch(
+        "als",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"recsys.io/approve": "1"}}})),
+    )
+    .await?;
+    wait_for(WAIT, "v2 paused at 50%", || paused_at(50)).await?;
+    // A user in bucket 2000–4999 is on the candidate only at 50%.
+    on_canary_everywhere(&scorers, salt, &users, 2000..5000).await?;
+    let mut skewed = Generated::default();
+    for (i, user) in users.iter().enumerate() {
+        let on_canary = bucket(salt, user) < 5000;
+        if on_canary && i % 5 != 0 {
+            continue;
+        }
+        serve_and_maybe_click(&scorers, i, user, 99, (0.10, 0.10), &mut skewed).await?;
+    }
+    let seg = segment_with(&mds, 50, skewed.stable.0 + skewed.canary.0).await?;
+    println!("50%: {}", seg.summary);
+    let split = seg.sample_ratio.as_ref().context("a split")?;
+    assert!(
+        split.mismatch && split.p_value < 0.001 && split.observed_canary_share < 0.3,
+        "{seg:?}"
+    );
+    assert!(
+        seg.summary.starts_with("sample ratio mismatch"),
+        "{}",
+        seg.summary
+    );
+    wait_for(WAIT, "a SampleRatioMismatch Warning", || async {
+        Ok(events(&client, &ns.name, "als")
+            .await?
+            .iter()
+            .any(|(t, r)| t == "Warning" && r == "SampleRatioMismatch"))
+    })
+    .await?;
+    // The 20% segment keeps its readout beside the new one.
+    let s = md_status(&mds, "als").await?;
+    let x = s.experiment.context("a readout")?;
+    assert!(
+        x.segments
+            .iter()
+            .any(|g| g.canary_weight == 20 && !g.sample_ratio.as_ref().is_some_and(|r| r.mismatch)),
+        "{x:?}"
+    );
     Ok(())
 }

@@ -30,6 +30,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use recsys_core::artifacts::Registry;
 use recsys_core::cf::serving::ServingModel;
+use recsys_core::serving::experiment::Segment;
 use recsys_core::serving::routing::{RoutingSource, RoutingTable, Variant};
 use serde::Serialize;
 use tracing::{info, warn};
@@ -95,6 +96,8 @@ pub struct Resolved {
     pub bucket: Option<u16>,
     /// The shadow version, when there is one and it is loaded.
     pub shadow: Option<Arc<ServingModel>>,
+    /// The experiment the model's route runs (a canary taking users), if any.
+    pub segment: Option<Segment>,
 }
 
 /// Why a model cannot serve a request.
@@ -142,6 +145,7 @@ impl ModelSnapshot {
             variant,
             bucket: a.bucket,
             shadow: route.shadow().and_then(get).cloned(),
+            segment: Segment::of_route(route),
         })
     }
 

@@ -121,6 +121,19 @@ impl HostScorers {
         model: &str,
         n: usize,
     ) -> anyhow::Result<Self> {
+        Self::start_with(env, client, ns, deployment, model, n, &[]).await
+    }
+
+    /// Like [`Self::start`], with `extra` scorer options (for example a shared Redis).
+    pub async fn start_with(
+        env: &TestEnv,
+        client: &kube::Client,
+        ns: &str,
+        deployment: &str,
+        model: &str,
+        n: usize,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let (dir, registry) = Self::registry()?;
         let ip = node_ip(env, client).await?;
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
@@ -129,21 +142,25 @@ impl HostScorers {
         let mut scorers = vec![];
         for i in 0..n {
             let data = dir.path().join(format!("data-{i}"));
-            let args = recsys_scorer::Args::try_parse_from([
-                "recsys-scorer",
-                "--artifacts",
-                dir.path().to_str().context("utf-8 path")?,
-                "--data-dir",
-                data.to_str().context("utf-8 path")?,
-                "--routing-configmap",
-                &format!("{deployment}-routing"),
-                "--routing-namespace",
-                ns,
-                "--model",
-                model,
-                "--model-sync-interval",
-                "1s",
-            ])?;
+            let args = recsys_scorer::Args::try_parse_from(
+                [
+                    "recsys-scorer",
+                    "--artifacts",
+                    dir.path().to_str().context("utf-8 path")?,
+                    "--data-dir",
+                    data.to_str().context("utf-8 path")?,
+                    "--routing-configmap",
+                    &format!("{deployment}-routing"),
+                    "--routing-namespace",
+                    ns,
+                    "--model",
+                    model,
+                    "--model-sync-interval",
+                    "1s",
+                ]
+                .into_iter()
+                .chain(extra.iter().copied()),
+            )?;
             let scorer = recsys_scorer::start_all(&args).await?;
             let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 0)).await?;
             let addr = listener.local_addr()?;

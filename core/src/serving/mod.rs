@@ -9,6 +9,7 @@
 //!   what the operator concludes from every scorer pod's report.
 
 pub mod analysis;
+pub mod experiment;
 pub mod fleet;
 pub mod routing;
 pub mod users;

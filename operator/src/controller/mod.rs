@@ -2,6 +2,7 @@
 
 pub mod analysis;
 pub mod batch_job;
+pub mod experiment;
 pub mod feature_definition;
 pub mod fleet;
 pub mod history;

@@ -33,13 +33,13 @@ use recsys_core::serving::routing::{
 };
 use recsys_crds::common::READY;
 use recsys_crds::common::{self, ConditionStatus};
-use recsys_crds::model_deployment::{AnalysisRun, ScorersStatus};
+use recsys_crds::model_deployment::{AnalysisRun, ExperimentStatus, ScorersStatus};
 use recsys_crds::{ModelDeployment, ModelDeploymentStatus, Stage};
 use tracing::instrument;
 
 use super::{
-    Assessment, Context, Error, FIELD_MANAGER, Problem, fleet, history, rollout, scorer, stamped,
-    write_status,
+    Assessment, Context, Error, FIELD_MANAGER, Problem, experiment, fleet, history, rollout,
+    scorer, stamped, write_status,
 };
 
 /// Key of the routing table in its ConfigMap (what `scorer --routing-configmap-key` defaults to).
@@ -229,6 +229,8 @@ pub struct Observed {
     pub fleet: Fleet,
     /// The analysis run an interval just closed, if any ([`super::analysis`]).
     pub analysis: Option<AnalysisRun>,
+    /// A fresh A/B readout of the candidate, if one was read ([`super::experiment`]).
+    pub experiment: Option<ExperimentStatus>,
 }
 
 impl From<Fleet> for Observed {
@@ -236,6 +238,7 @@ impl From<Fleet> for Observed {
         Self {
             fleet,
             analysis: None,
+            experiment: None,
         }
     }
 }
@@ -368,6 +371,9 @@ pub fn desired_status(
     };
     if let Some(c) = progressing {
         common::set_condition(&mut status.conditions, c);
+    }
+    if let Some(x) = &observed.experiment {
+        status.experiment = Some(x.clone());
     }
     if status.stable_version.is_some() {
         let degraded = if status.stage == Stage::RolledBack {
@@ -695,6 +701,37 @@ async fn apply_workload(ctx: &Context, ns: &str, md: &ModelDeployment) -> Result
     Ok(())
 }
 
+/// The A/B readout of the candidate, read at most once per analysis interval while one is
+/// rolling out (a status write wakes the controller again, so reading at every reconciliation
+/// would spin under traffic).
+async fn read_experiment(
+    md: &ModelDeployment,
+    endpoints: &[fleet::Endpoint],
+) -> Option<ExperimentStatus> {
+    let status = md.status.as_ref()?;
+    let (stable, candidate) = (
+        status.stable_version.as_ref()?,
+        status.candidate_version.as_ref()?,
+    );
+    let interval = md
+        .spec
+        .strategy
+        .analysis
+        .interval
+        .to_std()
+        .unwrap_or(std::time::Duration::from_secs(60));
+    let due = status.experiment.as_ref().is_none_or(|x| {
+        &x.candidate_version != candidate
+            || x.read_at.0
+                + k8s_openapi::jiff::SignedDuration::try_from(interval).unwrap_or_default()
+                <= Timestamp::now()
+    });
+    if !due {
+        return None;
+    }
+    experiment::observe(endpoints, &md.spec.model, stable, candidate).await
+}
+
 /// Reconciles one ModelDeployment: its scorer workload, the pods' view of the versions, the
 /// routing table, then the status.
 #[instrument(skip(md, ctx), fields(name = %md.name_any(), namespace = md.namespace().unwrap_or_default()))]
@@ -715,6 +752,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
                 .analyses
                 .observe(&md, &endpoints, Timestamp::now())
                 .await,
+            experiment: read_experiment(&md, &endpoints).await,
         };
         for check in observed.analysis.iter().flat_map(|r| &r.checks) {
             ctx.metrics
@@ -743,6 +781,20 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
     queue_transition(&before, &mut status);
     if write_status(&ctx, md.as_ref(), &before, &status).await? {
         announce_rollout(&ctx, &md, &before, &status).await;
+        if let Some(x) = &observed.experiment {
+            experiment::export(&ctx.metrics, &md.spec.model, x);
+            if let Some((weight, summary)) = experiment::new_mismatch(before.experiment.as_ref(), x)
+            {
+                ctx.event(
+                    md.as_ref(),
+                    kube::runtime::events::EventType::Warning,
+                    "SampleRatioMismatch",
+                    format!("{} at {weight}%: {summary}", x.candidate_version),
+                    "Experiment",
+                )
+                .await;
+            }
+        }
     }
     record_transitions(&ctx, &md, &status).await?;
     if !status.unrecorded_transitions.is_empty() {

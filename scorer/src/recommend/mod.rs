@@ -2,6 +2,7 @@
 //! ranking that combines CF with the feature store, and the HTTP handlers.
 
 pub mod cluster_routing;
+pub mod experiments;
 pub mod metrics;
 pub mod rank;
 pub mod routes;

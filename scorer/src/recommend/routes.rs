@@ -4,7 +4,8 @@
 //! | --- | --- |
 //! | `GET /v1/recommendations?user_id=&k=&category=&exclude_seen=&model=` | [`Answer`]: top-k products |
 //! | `POST /v1/scores` `{user_id, product_ids, model?}` | [`Answer`]: each candidate's `user_product_affinity` and score, in request order |
-//! | `POST /v1/events` `{events: [...]}` | [`EventsAccepted`]: interactions recorded, the users' cached state invalidated |
+//! | `POST /v1/events` `{events: [...]}` | [`EventsAccepted`]: interactions recorded, the users' cached state invalidated, outcomes attributed to impressions |
+//! | `GET /v1/experiments?model=` | [`super::experiments::ExperimentsAnswer`]: the A/B readout of each segment of a rollout |
 //!
 //! Unknown query parameters and body fields are refused (400 naming them), so a typo is an
 //! error rather than a silently ignored option.
@@ -22,9 +23,13 @@ use recsys_core::features::online::http::ApiError;
 use recsys_core::serving::users::UserStates;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use tracing::warn;
 
 use super::service::{Answer, RecommendRequest, Recommender};
 use crate::features::routes::{HttpError, json_rejection};
+
+/// Longest wait for the experiment store while attributing an ingested batch.
+pub const ATTRIBUTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Largest number of events per `POST /v1/events`.
 pub const MAX_EVENTS: usize = 1000;
@@ -40,7 +45,7 @@ pub struct RecommendState {
 
 /// The OpenAPI description of these routes.
 #[derive(utoipa::OpenApi)]
-#[openapi(paths(recommendations, scores, events))]
+#[openapi(paths(recommendations, scores, events, super::experiments::experiments))]
 pub struct RecommendApi;
 
 /// The recommendation routes.
@@ -49,6 +54,7 @@ pub fn router(state: RecommendState) -> Router {
         .route("/v1/recommendations", get(recommendations))
         .route("/v1/scores", post(scores))
         .route("/v1/events", post(events))
+        .route("/v1/experiments", get(super::experiments::experiments))
         .with_state(state)
 }
 
@@ -224,6 +230,14 @@ async fn events(
         let status = if e.is_outage() { 503 } else { 400 };
         HttpError(ApiError::new(status, e.kind(), e.to_string()))
     })?;
+    // Stored: attribution to the A/B readout's impressions is best effort, bounded in time.
+    if let Some(x) = s.recommender.experiments()
+        && tokio::time::timeout(ATTRIBUTION_TIMEOUT, x.attribute(&rows))
+            .await
+            .is_err()
+    {
+        warn!("attribution of stored events timed out; the A/B readout misses them");
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(EventsAccepted {

@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use super::experiments::Experiments;
 use super::metrics::RecommendMetrics;
 use super::rank::{self, Path, Signals, Weights};
 use super::shadow::{Shadow, ShadowJob};
@@ -127,6 +128,9 @@ pub struct ItemFeatures {
 /// The answer of `GET /v1/recommendations` and `POST /v1/scores`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Answer {
+    /// This answer's id: a click, cart or purchase on one of its products is attributed to it
+    /// in the A/B readout of a rollout.
+    pub request_id: String,
     /// The user.
     pub user_id: String,
     /// The model.
@@ -171,6 +175,7 @@ pub struct Recommender {
     scans: Semaphore,
     options: RecommendOptions,
     metrics: RecommendMetrics,
+    experiments: Option<Arc<Experiments>>,
 }
 
 impl std::fmt::Debug for Recommender {
@@ -207,6 +212,25 @@ impl Recommender {
             scans: Semaphore::new(cores),
             options,
             metrics,
+            experiments: None,
+        }
+    }
+
+    /// Records impressions and attributes outcomes for the A/B readout.
+    pub fn with_experiments(mut self, experiments: Arc<Experiments>) -> Self {
+        self.experiments = Some(experiments);
+        self
+    }
+
+    /// The A/B readout's impressions and attribution, when on.
+    pub fn experiments(&self) -> Option<&Arc<Experiments>> {
+        self.experiments.as_ref()
+    }
+
+    /// Records an answer as an impression of the experiment its model runs.
+    fn served(&self, answer: &Answer, resolved: Option<&Resolved>) {
+        if let (Some(x), Some(r)) = (&self.experiments, resolved) {
+            x.served(answer, r.segment.as_ref());
         }
     }
 
@@ -688,6 +712,7 @@ impl Recommender {
             });
         }
         let answer = Answer {
+            request_id: recsys_core::serving::experiment::new_request_id(),
             user_id: req.user_id,
             model: model_name,
             version: resolved.as_ref().map(|r| r.model.version().to_owned()),
@@ -703,6 +728,7 @@ impl Recommender {
             state.as_ref().map(|s| s.source),
             started.elapsed(),
         );
+        self.served(&answer, resolved.as_ref());
         debug!(
             user = answer.user_id,
             version = ?answer.version,
@@ -814,6 +840,7 @@ impl Recommender {
             })
             .collect();
         let answer = Answer {
+            request_id: recsys_core::serving::experiment::new_request_id(),
             user_id,
             model: model_name,
             version: resolved.as_ref().map(|r| r.model.version().to_owned()),
@@ -829,6 +856,7 @@ impl Recommender {
             state.as_ref().map(|s| s.source),
             started.elapsed(),
         );
+        self.served(&answer, resolved.as_ref());
         Ok(answer)
     }
 }

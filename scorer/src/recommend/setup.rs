@@ -14,9 +14,11 @@
 //! | `--shadow-queue`, `--shadow-workers` | 1024, 1 | shadow scoring queue and threads |
 //! | `--inline-scan-max` | 4,000,000 | largest top-k scan (products × factors) run inline; larger ones go to the blocking pool |
 //! | `--model-sync-interval`, `--rankings-refresh` | 30s, 60s | re-resolve aliases and retry failed loads; reload popularity rankings |
+//! | `--attribution-window`, `--impression-queue` | 1h, 4096 | A/B readout: how long after a list an outcome is attributed to it; impressions queued for the store |
 //!
 //! User histories come from the Postgres `events` table with `--database-url`, else from
-//! `--events`; user states are cached in Redis with `--redis-url`, else in process.
+//! `--events`; user states are cached in Redis with `--redis-url`, else in process; so are the
+//! A/B readout's impressions and counts ([`super::experiments`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +26,9 @@ use std::time::Duration;
 
 use recsys_core::artifacts::Registry;
 use recsys_core::events::{FileFormat, PostgresEvents};
+use recsys_core::serving::experiment::{
+    ExperimentStore, InProcessExperimentStore, RedisExperimentStore,
+};
 use recsys_core::serving::routing::{
     FileRoutingOptions, FileRoutingSource, RoutingMetrics, RoutingSource, StaticRoutingSource,
 };
@@ -36,6 +41,7 @@ use recsys_core::stores::S3Args;
 use tokio::task::JoinHandle;
 
 use super::cluster_routing::{self, ConfigMapRef, ConfigMapRoutingSource};
+use super::experiments::{ExperimentMetrics, Experiments};
 use super::metrics::RecommendMetrics;
 use super::rank::Weights;
 use super::routes::RecommendState;
@@ -121,6 +127,13 @@ pub struct ModelArgs {
     /// How often the popularity rankings are reloaded.
     #[arg(long, env = "RECSYS_RANKINGS_REFRESH", default_value = "60s", value_parser = parse_duration)]
     pub rankings_refresh: Duration,
+    /// How long after a served list a click, cart or purchase of one of its products is
+    /// attributed to it in the A/B readout of a rollout.
+    #[arg(long, env = "RECSYS_ATTRIBUTION_WINDOW", default_value = "1h", value_parser = parse_duration)]
+    pub attribution_window: Duration,
+    /// Impressions queued at most for the experiment store; more are dropped (and counted).
+    #[arg(long, env = "RECSYS_IMPRESSION_QUEUE", default_value_t = 4096)]
+    pub impression_queue: usize,
     /// User states.
     #[command(flatten)]
     pub users: UserStateArgs,
@@ -251,6 +264,27 @@ pub async fn start(
                 .map_err(|e| invalid("--user-state-ttl", e))?,
         ),
     };
+    if args.attribution_window.is_zero() {
+        return Err(invalid("--attribution-window", "must be longer than 0"));
+    }
+    let experiment_store: Arc<dyn ExperimentStore> = match &features_args.redis_url {
+        Some(url) => Arc::new(RedisExperimentStore::new(
+            recsys_core::stores::redis_lazy(url).map_err(|e| invalid("--redis-url", e))?,
+            features_args.redis_prefix.clone(),
+            args.attribution_window,
+        )),
+        None => Arc::new(InProcessExperimentStore::new(
+            args.attribution_window,
+            DEFAULT_MAX_USERS,
+        )),
+    };
+    let experiment_metrics = ExperimentMetrics::default();
+    let (experiments, impression_writer) = Experiments::start(
+        experiment_store,
+        args.attribution_window,
+        args.impression_queue,
+        experiment_metrics.clone(),
+    );
     let user_metrics = UserStateMetrics::new();
     let users = Arc::new(
         UserStates::new(history, cache, args.users.options())
@@ -265,29 +299,33 @@ pub async fn start(
         shadow_metrics.clone(),
     );
     let recommend_metrics = RecommendMetrics::default();
-    let recommender = Arc::new(Recommender::new(
-        models.clone(),
-        users.clone(),
-        features,
-        store,
-        Some(shadow),
-        RecommendOptions {
-            default_model: args.model.clone(),
-            max_k: args.max_k,
-            max_candidates: args.max_candidates,
-            cf_enabled: args.cf,
-            inline_scan_max: args.inline_scan_max,
-            weights: Weights {
-                cf: args.weight_cf,
-                popularity: args.weight_popularity,
-                freshness: args.weight_freshness,
-                category: args.weight_category,
+    let recommender = Arc::new(
+        Recommender::new(
+            models.clone(),
+            users.clone(),
+            features,
+            store,
+            Some(shadow),
+            RecommendOptions {
+                default_model: args.model.clone(),
+                max_k: args.max_k,
+                max_candidates: args.max_candidates,
+                cf_enabled: args.cf,
+                inline_scan_max: args.inline_scan_max,
+                weights: Weights {
+                    cf: args.weight_cf,
+                    popularity: args.weight_popularity,
+                    freshness: args.weight_freshness,
+                    category: args.weight_category,
+                },
+                ..RecommendOptions::default()
             },
-            ..RecommendOptions::default()
-        },
-        recommend_metrics.clone(),
-    ));
+            recommend_metrics.clone(),
+        )
+        .with_experiments(experiments),
+    );
     let tasks = vec![
+        impression_writer,
         // Invalidations that could not reach the cache (Redis down) are retried.
         users.spawn_flusher(Duration::from_secs(1)),
         tokio::spawn(models.clone().run(args.model_sync_interval)),
@@ -296,6 +334,7 @@ pub async fn start(
     let register = Box::new(
         move |registry: &mut prometheus_client::registry::Registry| {
             recommend_metrics.register(registry);
+            experiment_metrics.register(registry);
             shadow_metrics.register(registry);
             routing_metrics.register(registry);
             user_metrics.register(registry);

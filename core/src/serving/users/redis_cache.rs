@@ -10,8 +10,6 @@
 //! client's `EVALSHA` helper needs a feature this workspace does not enable). Each touches one
 //! key, so they suit a Redis Cluster with a cluster-aware client as well as a single primary.
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 
@@ -126,14 +124,7 @@ impl RedisUserStateCache {
             op: "connect",
             source,
         };
-        let client = redis::Client::open(url).map_err(err)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(err)?;
+        let conn = crate::stores::redis_lazy(url).map_err(err)?;
         tracing::debug!(url = %redact_url(url), prefix = %options.prefix, "redis user-state cache");
         Self::new(conn, options)
     }
