@@ -291,6 +291,25 @@ pub struct AnalysisSpec {
     #[serde(default = "default_min_samples")]
     #[schemars(range(min = 1, max = 1000000))]
     pub min_samples: i64,
+    /// Where the figures come from: unset, the scorer pods' own `/metrics`, read through the
+    /// Service's endpoints; set, a Prometheus server that scrapes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSource>,
+}
+
+/// A Prometheus server as the analysis source: each run queries the scorers' series over the
+/// run's window (`increase(…[window])`), the way Flagger and Argo Rollouts do.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSource {
+    /// The server's URL, for example `http://prometheus-operated.monitoring.svc:9090`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub address: String,
+    /// Label matchers that select this deployment's scorer series, without braces, for
+    /// example `namespace="shop",service="als-scorer"` (the default: `job="<name>-scorer"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub selector: Option<String>,
 }
 
 fn default_min_samples() -> i64 {
@@ -316,6 +335,7 @@ impl Default for AnalysisSpec {
             min_top_k_overlap: None,
             min_offline_metric_ratio: None,
             min_samples: default_min_samples(),
+            prometheus: None,
         }
     }
 }
@@ -456,13 +476,27 @@ pub struct AnalysisRun {
     pub exposure: Exposure,
     /// Percentage of users on the candidate.
     pub weight: i32,
-    /// Scorer pods read at both ends of the window.
+    /// Scorer pods read at both ends of the window (with Prometheus: scorer instances with
+    /// series in the window).
     pub pods: i32,
+    /// Where the figures came from: `Pods` (their `/metrics`) or `Prometheus`.
+    #[serde(default)]
+    pub source: AnalysisSource,
     /// The run's verdict: `Failed` if any check failed, else `Inconclusive` if any was.
     pub verdict: Verdict,
     /// Each check with its figure.
     #[serde(default)]
     pub checks: Vec<AnalysisCheck>,
+}
+
+/// Where an analysis run's figures came from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum AnalysisSource {
+    /// The scorer pods' own `/metrics`, through the Service's endpoints.
+    #[default]
+    Pods,
+    /// A Prometheus server (`spec.strategy.analysis.prometheus`).
+    Prometheus,
 }
 
 /// How the candidate meets users while analysed.

@@ -2217,3 +2217,156 @@ async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_th
     );
     Ok(())
 }
+
+/// A Prometheus server (Debian's package, installed by tests/env/up.sh) scraping `targets`
+/// every second as job `job`, on a free port of 127.0.0.1.
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    async fn start(job: &str, targets: &[std::net::SocketAddr]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let targets: Vec<String> = targets.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        );
+        std::fs::write(dir.path().join("prometheus.yml"), config)?;
+        let port = free_port()?;
+        let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("prometheus (tests/env/up.sh installs Debian's package)")?;
+        let me = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        wait_for(WAIT, "Prometheus ready", || async {
+            Ok(http_get(&format!("{}/-/ready", me.url))
+                .await
+                .is_ok_and(|(s, _)| s == 200))
+        })
+        .await?;
+        Ok(me)
+    }
+}
+
+#[tokio::test]
+async fn with_a_prometheus_source_the_analysis_queries_it_holds_without_it_and_rolls_back()
+-> anyhow::Result<()> {
+    let (env, client, ns) = setup("op-prom").await?;
+    let _op = Operator::start(&env, &ns.name, &[]).await?;
+    let mds: Api<ModelDeployment> = Api::namespaced(client.clone(), &ns.name);
+    let scorers = HostScorers::start(&env, &client, &ns.name, "als", "als", 2).await?;
+    scorers.publish("als", "v1", 1).await?;
+    scorers.publish_scaled("als", "v2", 1, 3.0).await?;
+    let prometheus = Prometheus::start("als-scorer", &scorers.addrs).await?;
+    // First a server that is not there.
+    let nowhere = format!("http://127.0.0.1:{}", free_port()?);
+    let mut body = example("modeldeployment", &ns.name)?;
+    body["spec"]["scorer"]["replicas"] = json!(0);
+    body["spec"]["version"] = json!("v1");
+    body["spec"]["strategy"] = json!({
+        "steps": [{"canary": {"weight": 50, "duration": "10m"}}, {"full": {}}],
+        "analysis": {"interval": "4s", "failureLimit": 2, "minSamples": 5,
+            "maxScoreDriftPsi": 0.5, "maxErrorRate": 0.05,
+            "prometheus": {"address": nowhere}}
+    });
+    apply(&mds, "als", &body).await?;
+    wait_conditions(&mds, "als", "True", "True", "Serving").await?;
+    let load =
+        recsys_tests::scorers::RequestLoop::start(scorers.addrs.clone(), Duration::from_millis(4));
+    body["spec"]["version"] = json!("v2");
+    apply(&mds, "als", &body).await?;
+    wait_for(WAIT, "an inconclusive run without Prometheus", || async {
+        let s = md_status(&mds, "als").await?;
+        Ok(s.analysis.is_some_and(|a| a.runs.len() >= 2))
+    })
+    .await?;
+    let s = md_status(&mds, "als").await?;
+    assert_eq!((s.stage, s.canary_weight), (Stage::Canary, 50), "held");
+    let run = &s.analysis.context("analysis")?.runs[0];
+    assert_eq!(
+        (run.source, run.verdict),
+        (
+            recsys_crds::model_deployment::AnalysisSource::Prometheus,
+            recsys_crds::model_deployment::Verdict::Inconclusive
+        )
+    );
+    assert!(
+        run.checks
+            .iter()
+            .all(|c| c.message.contains("no figures: Prometheus at") && c.observed.is_none()),
+        "{run:?}"
+    );
+
+    // The real server: the skewed scores fail twice and the candidate is rolled back.
+    body["spec"]["strategy"]["analysis"]["prometheus"]["address"] = json!(prometheus.url);
+    apply(&mds, "als", &body).await?;
+    wait_for(Duration::from_secs(60), "v2 rolled back", || async {
+        Ok(md_status(&mds, "als").await?.stage == Stage::RolledBack)
+    })
+    .await?;
+    let s = md_status(&mds, "als").await?;
+    let run = s
+        .analysis
+        .as_ref()
+        .and_then(|a| a.runs.first())
+        .context("a run")?;
+    let check = |kind: recsys_crds::model_deployment::CheckKind| {
+        run.checks.iter().find(|c| c.check == kind).cloned()
+    };
+    let drift = check(recsys_crds::model_deployment::CheckKind::ScoreDrift).context("drift")?;
+    let errors = check(recsys_crds::model_deployment::CheckKind::ErrorRate).context("errors")?;
+    assert_eq!(
+        run.source,
+        recsys_crds::model_deployment::AnalysisSource::Prometheus
+    );
+    assert_eq!(run.pods, 2, "both scorers scraped: {run:?}");
+    assert!(drift.observed.unwrap_or_default() > 0.5, "{run:?}");
+    assert_eq!(
+        (errors.verdict, errors.observed),
+        (
+            recsys_crds::model_deployment::Verdict::Successful,
+            Some(0.0)
+        ),
+        "{run:?}"
+    );
+    assert!(
+        s.history[0].reason.contains("ScoreDrift"),
+        "{:?}",
+        s.history[0]
+    );
+    every_user_on(&scorers, "v1").await?;
+    let report = load.stop().await?;
+    assert!(
+        report.failed.is_empty(),
+        "lost requests: {:?}",
+        report.failed
+    );
+    Ok(())
+}

@@ -28,7 +28,7 @@ IS_ROOT=false
 [[ "$(id -u)" == 0 ]] && IS_ROOT=true
 
 # =============================================================================
-# 1. Debian packages (postgres, redis) -- installed only when missing
+# 1. Debian packages (postgres, redis, prometheus) -- installed only when missing
 # =============================================================================
 find_pg_bin() { find /usr/lib/postgresql -mindepth 3 -maxdepth 3 -path '*/bin/postgres' 2>/dev/null | sort -V | tail -1 | xargs -r dirname; }
 
@@ -38,6 +38,8 @@ ensure_apt_packages() {
 	command -v psql >/dev/null || missing+=(postgresql-client)
 	command -v redis-server >/dev/null || missing+=(redis-server)
 	command -v redis-cli >/dev/null || missing+=(redis-tools)
+	# Prometheus (and promtool): the rollout analysis's Prometheus source, started per test.
+	command -v prometheus >/dev/null || missing+=(prometheus)
 	if [[ "$REAL_NODE_ENABLED" == 1 ]]; then
 		command -v containerd >/dev/null || missing+=(containerd)
 		command -v runc >/dev/null || missing+=(runc)

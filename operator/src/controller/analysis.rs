@@ -1,4 +1,5 @@
-//! The live analysis of a rollout, from the scorer pods' own `/metrics`.
+//! The live analysis of a rollout, from the scorer pods' own `/metrics` or, when
+//! `spec.strategy.analysis.prometheus` is set, from a Prometheus server ([`super::prometheus`]).
 //!
 //! While the candidate is shadowed or takes users, the operator reads every ready scorer pod's
 //! `/metrics` through the Service's endpoints once per `spec.strategy.analysis.interval`. The
@@ -114,7 +115,11 @@ impl Analyses {
         if earlier.as_ref().is_some_and(|b| b.key == key) && !due {
             return None;
         }
-        let readings = read(endpoints, &md.spec.model).await;
+        // With Prometheus, a baseline is only a time: the server holds the counters.
+        let readings = match &spec.prometheus {
+            None => read(endpoints, &md.spec.model).await,
+            Some(_) => Readings::default(),
+        };
         let fresh = Baseline {
             key: key.clone(),
             at: now,
@@ -125,8 +130,35 @@ impl Analyses {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, fresh.clone());
         let earlier = earlier.filter(|b| b.key == key)?;
-        let (window, pods) = analysis::window(&fresh.readings, &earlier.readings);
-        let checks = analysis::judge(&thresholds(spec), exposure, &window);
+        let (window, pods, source, failure) = match &spec.prometheus {
+            None => {
+                let (w, p) = analysis::window(&fresh.readings, &earlier.readings);
+                (w, p, md_api::AnalysisSource::Pods, None)
+            }
+            Some(src) => {
+                let length = now.duration_since(earlier.at).unsigned_abs();
+                match super::prometheus::window(src, &md.name_any(), &md.spec.model, length, now)
+                    .await
+                {
+                    Ok((w, p)) => (w, p, md_api::AnalysisSource::Prometheus, None),
+                    Err(e) => (
+                        Counters::default(),
+                        0,
+                        md_api::AnalysisSource::Prometheus,
+                        Some(e),
+                    ),
+                }
+            }
+        };
+        let mut checks = analysis::judge(&thresholds(spec), exposure, &window);
+        if let Some(e) = failure {
+            // No figures is never a pass.
+            for c in &mut checks {
+                c.verdict = analysis::Verdict::Inconclusive;
+                c.observed = None;
+                c.message = format!("no figures: {e}");
+            }
+        }
         Some(AnalysisRun {
             at: Time(now),
             window_seconds: now.duration_since(earlier.at).as_secs(),
@@ -137,6 +169,7 @@ impl Analyses {
             },
             weight: key.weight,
             pods: pods as i32,
+            source,
             verdict: verdict(analysis::verdict(&checks)),
             checks: checks.iter().map(check).collect(),
         })

@@ -87,8 +87,18 @@ pub async fn endpoints(
 
 /// `GET path` on `address`, within [`STATUS_TIMEOUT`]: the body of a 200 answer.
 pub async fn get(address: SocketAddr, path: &str) -> Result<hyper::body::Bytes, String> {
+    get_from(&address.to_string(), path, STATUS_TIMEOUT).await
+}
+
+/// `GET path` (with its query) on `authority` (`host:port`, a name resolved through the
+/// system's resolver), within `timeout`: the body of a 2xx answer.
+pub async fn get_from(
+    authority: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<hyper::body::Bytes, String> {
     let call = async {
-        let stream = tokio::net::TcpStream::connect(address)
+        let stream = tokio::net::TcpStream::connect(authority)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let (mut sender, conn) =
@@ -97,7 +107,7 @@ pub async fn get(address: SocketAddr, path: &str) -> Result<hyper::body::Bytes, 
                 .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(conn);
         let request = hyper::Request::get(path)
-            .header("host", address.to_string())
+            .header("host", authority)
             .body(http_body_util::Empty::<hyper::body::Bytes>::new())
             .map_err(|e| e.to_string())?;
         let response = sender
@@ -112,13 +122,15 @@ pub async fn get(address: SocketAddr, path: &str) -> Result<hyper::body::Bytes, 
             .map_err(|e| format!("body: {e}"))?
             .to_bytes();
         if !status.is_success() {
-            return Err(format!("{path} answered {status}"));
+            let text = String::from_utf8_lossy(&body);
+            let snippet: String = text.chars().take(300).collect();
+            return Err(format!("{path} answered {status}: {snippet}"));
         }
         Ok(body)
     };
-    tokio::time::timeout(STATUS_TIMEOUT, call)
+    tokio::time::timeout(timeout, call)
         .await
-        .unwrap_or_else(|_| Err(format!("no answer within {STATUS_TIMEOUT:?}")))
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
 }
 
 /// Reads every endpoint's `/v1/status`.

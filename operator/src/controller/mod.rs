@@ -7,6 +7,7 @@ pub mod feature_definition;
 pub mod fleet;
 pub mod history;
 pub mod model_deployment;
+pub mod prometheus;
 pub mod rollout;
 pub mod scorer;
 

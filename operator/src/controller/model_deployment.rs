@@ -97,6 +97,11 @@ pub fn validate(md: &ModelDeployment) -> Vec<Problem> {
             e.to_string(),
         )),
     }
+    if let Some(source) = &spec.strategy.analysis.prometheus
+        && let Err(e) = super::prometheus::authority(&source.address)
+    {
+        problems.push(Problem::new("spec.strategy.analysis.prometheus.address", e));
+    }
     if let Some(endpoint) = &spec.artifacts.endpoint
         && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
     {
@@ -1124,6 +1129,26 @@ spec:
             ]
         );
         assert_eq!(got.ready_reason, "InvalidSpec");
+    }
+
+    #[test]
+    fn a_prometheus_source_must_be_an_http_url() {
+        let mut m = md(ALS);
+        m.spec.strategy.analysis.prometheus =
+            Some(recsys_crds::model_deployment::PrometheusSource {
+                address: "prometheus:9090".into(),
+                selector: None,
+            });
+        let problems = validate(&m);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            problems[0].field,
+            "spec.strategy.analysis.prometheus.address"
+        );
+        assert!(
+            problems[0].message.contains("no http:// scheme"),
+            "{problems:?}"
+        );
     }
 
     #[test]

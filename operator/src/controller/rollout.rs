@@ -772,6 +772,7 @@ spec:
                 exposure: Exposure::Canary,
                 weight: 10,
                 pods: 2,
+                source: recsys_crds::model_deployment::AnalysisSource::Pods,
                 verdict,
                 checks: vec![AnalysisCheck {
                     check: CheckKind::ErrorRate,
