@@ -681,7 +681,7 @@ impl ExperimentStore for InProcessExperimentStore {
                 canary: *c,
             })
             .collect();
-        out.sort_by(|a, b| b.since_ms.cmp(&a.since_ms));
+        out.sort_by_key(|s| std::cmp::Reverse(s.since_ms));
         Ok(out)
     }
 }
