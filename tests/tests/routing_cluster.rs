@@ -47,6 +47,14 @@ async fn recommend(addr: SocketAddr, user: &str) -> anyhow::Result<Value> {
     )
     .await?;
     ensure!(status == 200, "recommendations for {user}: {status} {body}");
+    // Every answer has an id of its own; the rest is what routing decides.
+    let mut body = body;
+    let text = body.to_string();
+    let id = body
+        .as_object_mut()
+        .and_then(|o| o.remove("request_id"))
+        .with_context(|| format!("no request_id: {text}"))?;
+    ensure!(id.as_str().is_some_and(|i| i.len() == 32), "request_id {id}");
     Ok(body)
 }
 
