@@ -54,7 +54,10 @@ async fn recommend(addr: SocketAddr, user: &str) -> anyhow::Result<Value> {
         .as_object_mut()
         .and_then(|o| o.remove("request_id"))
         .with_context(|| format!("no request_id: {text}"))?;
-    ensure!(id.as_str().is_some_and(|i| i.len() == 32), "request_id {id}");
+    ensure!(
+        id.as_str().is_some_and(|i| i.len() == 32),
+        "request_id {id}"
+    );
     Ok(body)
 }
 
