@@ -556,9 +556,45 @@ pub struct InProcessExperimentStore {
 #[derive(Debug, Default)]
 struct Memory {
     impressions: HashMap<String, Vec<Impression>>,
-    attributed: HashSet<(String, Outcome)>,
-    segments: HashMap<String, BTreeMap<Segment, (i64, VariantCounts, VariantCounts)>>,
+    /// Outcomes counted, with the time of their impression (dropped after the window).
+    attributed: HashMap<(String, Outcome), i64>,
+    segments: HashMap<String, BTreeMap<Segment, SegmentCounts>>,
     users: HashMap<(Segment, Variant), HashSet<String>>,
+}
+
+impl SegmentCounts {
+    fn side(&mut self, variant: Variant) -> &mut VariantCounts {
+        match variant {
+            Variant::Canary => &mut self.canary,
+            Variant::Stable => &mut self.stable,
+        }
+    }
+}
+
+impl Memory {
+    fn counts(&mut self, segment: &Segment) -> Option<&mut SegmentCounts> {
+        self.segments.get_mut(&segment.model)?.get_mut(segment)
+    }
+
+    /// Drops what is older than `horizon` once the store holds more than `max_users` users.
+    fn prune(&mut self, horizon: i64, max_users: usize, incoming: &str) {
+        if self.impressions.len() >= max_users && !self.impressions.contains_key(incoming) {
+            self.impressions
+                .retain(|_, list| list.iter().any(|i| i.at_ms >= horizon));
+            if self.impressions.len() >= max_users
+                && let Some(oldest) = self
+                    .impressions
+                    .iter()
+                    .min_by_key(|(_, l)| l.iter().map(|i| i.at_ms).max())
+                    .map(|(u, _)| u.clone())
+            {
+                self.impressions.remove(&oldest);
+            }
+        }
+        if self.attributed.len() > max_users.saturating_mul(IMPRESSIONS_PER_USER) {
+            self.attributed.retain(|_, at| *at >= horizon);
+        }
+    }
 }
 
 impl InProcessExperimentStore {
@@ -585,57 +621,32 @@ impl ExperimentStore for InProcessExperimentStore {
     async fn record(&self, imp: &Impression) -> Result<(), ExperimentError> {
         let mut m = self.lock();
         let horizon = imp.at_ms.saturating_sub(window_ms(self.window));
-        if m.impressions.len() >= self.max_users && !m.impressions.contains_key(&imp.user_id) {
-            m.impressions
-                .retain(|_, list| list.iter().any(|i| i.at_ms >= horizon));
-            if m.impressions.len() >= self.max_users
-                && let Some(oldest) = m
-                    .impressions
-                    .iter()
-                    .min_by_key(|(_, l)| l.iter().map(|i| i.at_ms).max())
-                    .map(|(u, _)| u.clone())
-            {
-                m.impressions.remove(&oldest);
-            }
-        }
+        m.prune(horizon, self.max_users, &imp.user_id);
         let list = m.impressions.entry(imp.user_id.clone()).or_default();
         list.retain(|i| i.at_ms >= horizon);
         list.push(imp.clone());
         if list.len() > IMPRESSIONS_PER_USER {
             list.remove(0);
         }
-        let entry = m
+        let new_user = m
+            .users
+            .entry((imp.segment.clone(), imp.variant))
+            .or_default()
+            .insert(imp.user_id.clone());
+        let side = m
             .segments
             .entry(imp.segment.model.clone())
             .or_default()
             .entry(imp.segment.clone())
-            .or_insert((
-                imp.at_ms,
-                VariantCounts::default(),
-                VariantCounts::default(),
-            ));
-        let side = match imp.variant {
-            Variant::Canary => &mut entry.2,
-            Variant::Stable => &mut entry.1,
-        };
+            .or_insert_with(|| SegmentCounts {
+                segment: imp.segment.clone(),
+                since_ms: imp.at_ms,
+                stable: VariantCounts::default(),
+                canary: VariantCounts::default(),
+            })
+            .side(imp.variant);
         side.impressions += 1;
-        let users = m
-            .users
-            .entry((imp.segment.clone(), imp.variant))
-            .or_default();
-        let new_user = users.insert(imp.user_id.clone());
-        if new_user {
-            let entry = m
-                .segments
-                .get_mut(&imp.segment.model)
-                .and_then(|s| s.get_mut(&imp.segment));
-            if let Some(e) = entry {
-                match imp.variant {
-                    Variant::Canary => e.2.users += 1,
-                    Variant::Stable => e.1.users += 1,
-                }
-            }
-        }
+        side.users += u64::from(new_user);
         Ok(())
     }
 
@@ -650,19 +661,13 @@ impl ExperimentStore for InProcessExperimentStore {
 
     async fn attribute(&self, imp: &Impression, outcome: Outcome) -> Result<bool, ExperimentError> {
         let mut m = self.lock();
-        if !m.attributed.insert((imp.request_id.clone(), outcome)) {
+        let key = (imp.request_id.clone(), outcome);
+        if m.attributed.contains_key(&key) {
             return Ok(false);
         }
-        if let Some(e) = m
-            .segments
-            .get_mut(&imp.segment.model)
-            .and_then(|s| s.get_mut(&imp.segment))
-        {
-            let side = match imp.variant {
-                Variant::Canary => &mut e.2,
-                Variant::Stable => &mut e.1,
-            };
-            *side.outcome_mut(outcome) += 1;
+        m.attributed.insert(key, imp.at_ms);
+        if let Some(c) = m.counts(&imp.segment) {
+            *c.side(imp.variant).outcome_mut(outcome) += 1;
         }
         Ok(true)
     }
@@ -673,13 +678,8 @@ impl ExperimentStore for InProcessExperimentStore {
             .segments
             .get(model)
             .into_iter()
-            .flatten()
-            .map(|(seg, (since, s, c))| SegmentCounts {
-                segment: seg.clone(),
-                since_ms: *since,
-                stable: *s,
-                canary: *c,
-            })
+            .flat_map(BTreeMap::values)
+            .cloned()
             .collect();
         out.sort_by_key(|s| std::cmp::Reverse(s.since_ms));
         Ok(out)

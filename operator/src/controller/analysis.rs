@@ -58,6 +58,12 @@ pub fn thresholds(spec: &AnalysisSpec) -> Thresholds {
     }
 }
 
+/// The interval between runs (a spec whose interval does not parse is refused before any
+/// analysis; one minute stands in).
+pub fn interval(spec: &AnalysisSpec) -> Duration {
+    spec.interval.to_std().unwrap_or(Duration::from_secs(60))
+}
+
 /// What a baseline was taken for: a window covers one exposure of one candidate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct WindowKey {
@@ -103,7 +109,7 @@ impl Analyses {
             weight: status.canary_weight,
             shadow: exposure == Exposure::Shadow,
         };
-        let interval = spec.interval.to_std().unwrap_or(Duration::from_secs(60));
+        let interval = interval(spec);
         let earlier = self.baseline(&id);
         let due = match &earlier {
             Some(b) if b.key == key => {

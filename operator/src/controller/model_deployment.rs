@@ -718,13 +718,7 @@ async fn read_experiment(
         status.stable_version.as_ref()?,
         status.candidate_version.as_ref()?,
     );
-    let interval = md
-        .spec
-        .strategy
-        .analysis
-        .interval
-        .to_std()
-        .unwrap_or(std::time::Duration::from_secs(60));
+    let interval = super::analysis::interval(&md.spec.strategy.analysis);
     let due = status.experiment.as_ref().is_none_or(|x| {
         &x.candidate_version != candidate
             || x.read_at.0

@@ -122,14 +122,16 @@ fn quoted(v: &str) -> String {
 pub fn queries(selector: &str, model: &str, window_s: u64) -> Vec<(&'static str, String)> {
     let m = quoted(model);
     let w = window_s.max(1);
-    let inc = |series: &str, extra: &str, by: &str| {
-        let sel = [selector, extra]
-            .iter()
+    // `{selector,extra}`, leaving out what is empty.
+    let series = |name: &str, extra: &str| {
+        let matchers: Vec<&str> = [selector, extra]
+            .into_iter()
             .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(",");
-        format!("sum by ({by}) (increase({series}{{{sel}}}[{w}s]))")
+            .collect();
+        format!("{name}{{{}}}[{w}s]", matchers.join(","))
+    };
+    let inc = |name: &str, extra: &str, by: &str| {
+        format!("sum by ({by}) (increase({}))", series(name, extra))
     };
     let model_name = format!("model_name=\"{m}\"");
     let shadow_model = format!("model=\"{m}\"");
@@ -158,7 +160,10 @@ pub fn queries(selector: &str, model: &str, window_s: u64) -> Vec<(&'static str,
         ),
         (
             "overlap_sum",
-            format!("sum(increase(shadow_topk_overlap_sum{{{selector},{shadow_model}}}[{w}s]))"),
+            format!(
+                "sum(increase({}))",
+                series("shadow_topk_overlap_sum", &shadow_model)
+            ),
         ),
         (
             "shadow_scores",
@@ -171,7 +176,8 @@ pub fn queries(selector: &str, model: &str, window_s: u64) -> Vec<(&'static str,
         (
             "instances",
             format!(
-                "count(count by (instance) (last_over_time(recommend_requests_total{{{selector}}}[{w}s])))"
+                "count(count by (instance) (last_over_time({})))",
+                series("recommend_requests_total", "")
             ),
         ),
     ]
