@@ -1446,23 +1446,7 @@ async fn md_status(
 
 /// Waits until every user is answered by `version` on every scorer.
 async fn every_user_on(scorers: &HostScorers, version: &str) -> anyhow::Result<()> {
-    wait_for(
-        WAIT,
-        &format!("every user answered by {version}"),
-        || async {
-            for addr in &scorers.addrs {
-                for u in (0..recsys_tests::scorers::USERS).step_by(7) {
-                    let path = format!("/v1/recommendations?user_id=u{u}&k=5");
-                    let (status, body) = recsys_tests::http_json(*addr, "GET", &path, None).await?;
-                    if status != 200 || body["version"] != json!(version) {
-                        return Ok(false);
-                    }
-                }
-            }
-            Ok(true)
-        },
-    )
-    .await
+    recsys_tests::scorers::every_user_on(&scorers.addrs, version, WAIT).await
 }
 
 #[tokio::test]

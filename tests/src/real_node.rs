@@ -173,6 +173,80 @@ impl RealNode {
         let info: Value = serde_json::from_slice(&out.stdout)?;
         Ok(info["Spec"].clone())
     }
+
+    /// Kills the running process of a container with SIGKILL (`ctr tasks kill`), as a crash
+    /// or the OOM killer would; the kubelet restarts it per the Pod's restart policy.
+    pub fn kill_container(&self, container_id: &str) -> anyhow::Result<()> {
+        let id = container_id
+            .strip_prefix("containerd://")
+            .with_context(|| format!("{container_id}: not a containerd container"))?;
+        run(std::process::Command::new("ctr")
+            .args(["--address", &self.containerd, "--namespace", "k8s.io"])
+            .args(["tasks", "kill", "--signal", "SIGKILL", id]))?;
+        Ok(())
+    }
+}
+
+/// `kubectl -n ns create <what> --from-literal=k=v…`: the ConfigMaps and Secrets a user creates.
+pub fn create_from_literals(
+    env: &TestEnv,
+    ns: &str,
+    what: &[&str],
+    pairs: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    let literals: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("--from-literal={k}={v}"))
+        .collect();
+    let mut args = vec!["-n", ns, "create"];
+    args.extend_from_slice(what);
+    args.extend(literals.iter().map(String::as_str));
+    kubectl(env, &args)?;
+    Ok(())
+}
+
+/// `helm install --wait` of the chart as release `release` in `ns`, watching `ns` only, with
+/// the images `tests/env/images.sh` built and every pod (operator, trainers, scorers) on the
+/// real node; `extra` are more `helm` arguments (`--set …`).
+pub fn helm_install(
+    env: &TestEnv,
+    node: &RealNode,
+    ns: &str,
+    release: &str,
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    let mut sets = vec![format!("operator.watchNamespace={ns}")];
+    for (binary, image) in [
+        ("operator", &node.operator_image),
+        ("trainer", &node.trainer_image),
+        ("scorer", &node.scorer_image),
+    ] {
+        let (repository, tag) = image.rsplit_once(':').context("image without a tag")?;
+        sets.push(format!("{binary}.image.repository={repository}"));
+        sets.push(format!("{binary}.image.tag={tag}"));
+    }
+    let mut placement = vec![];
+    for binary in ["operator", "trainer", "scorer"] {
+        placement.push(format!("{binary}.nodeSelector={}", node.node_selector()));
+        placement.push(format!("{binary}.tolerations={}", node.tolerations()));
+    }
+    let chart = crate::repo_root().join("charts/recsys");
+    let mut cmd = env.command("helm");
+    cmd.args(["install", release]).arg(chart).args([
+        "--namespace",
+        ns,
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    for s in &sets {
+        cmd.args(["--set", s]);
+    }
+    for s in &placement {
+        cmd.args(["--set-json", s]);
+    }
+    run(cmd.args(extra))?;
+    Ok(())
 }
 
 /// Runs `kubectl args` with the environment's kubeconfig; its stdout, or an error with both

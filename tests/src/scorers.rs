@@ -81,8 +81,7 @@ impl HostScorers {
         self.publish_scaled(model, version, seed, 1.0).await
     }
 
-    /// Like [`Self::publish`], with every factor multiplied by `scale`: the same rankings
-    /// within a version, scores `scale²` times as large (a skewed score distribution).
+    /// Like [`Self::publish`], with every factor multiplied by `scale` (see [`publish_synthetic`]).
     pub async fn publish_scaled(
         &self,
         model: &str,
@@ -90,25 +89,7 @@ impl HostScorers {
         seed: u64,
         scale: f32,
     ) -> anyhow::Result<()> {
-        let users = IdMap::from_ids((0..USERS).map(|u| format!("u{u}")).collect());
-        let items = IdMap::from_ids((0..40).map(|i| format!("p{i}")).collect());
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut random = |rows: usize| {
-            Array2::from_shape_fn((rows, 8), |_| rng.random_range(-0.5..0.5_f32) * scale)
-        };
-        let factors = AlsModel {
-            user_factors: random(USERS),
-            item_factors: random(40),
-            regularization: 0.05,
-        };
-        let input = ManifestInput {
-            version: Some(version.to_owned()),
-            ..ManifestInput::default()
-        };
-        self.registry
-            .publish(model, &factors, &users, &items, input)
-            .await?;
-        Ok(())
+        publish_synthetic(&self.registry, model, version, seed, scale).await
     }
 
     /// Starts `n` scorers of `model` in namespace `ns`, following ConfigMap
@@ -229,6 +210,63 @@ impl HostScorers {
             _scorers: scorers,
         })
     }
+}
+
+/// Publishes version `version` of model `model` into `registry`: [`USERS`] users `u0`, `u1`,
+/// …, 40 products `p0`, …, 8 random factors from `seed`, each multiplied by `scale` (a `scale`
+/// other than 1 gives the same rankings with scores `scale²` times as large: a skewed score
+/// distribution).
+pub async fn publish_synthetic(
+    registry: &Registry,
+    model: &str,
+    version: &str,
+    seed: u64,
+    scale: f32,
+) -> anyhow::Result<()> {
+    let users = IdMap::from_ids((0..USERS).map(|u| format!("u{u}")).collect());
+    let items = IdMap::from_ids((0..40).map(|i| format!("p{i}")).collect());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut random =
+        |rows: usize| Array2::from_shape_fn((rows, 8), |_| rng.random_range(-0.5..0.5_f32) * scale);
+    let factors = AlsModel {
+        user_factors: random(USERS),
+        item_factors: random(40),
+        regularization: 0.05,
+    };
+    let input = ManifestInput {
+        version: Some(version.to_owned()),
+        ..ManifestInput::default()
+    };
+    registry
+        .publish(model, &factors, &users, &items, input)
+        .await?;
+    Ok(())
+}
+
+/// Waits up to `timeout` until every scorer at `addrs` answers every seventh of the [`USERS`]
+/// with `version`.
+pub async fn every_user_on(
+    addrs: &[SocketAddr],
+    version: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    crate::wait_for(
+        timeout,
+        &format!("every user answered by {version}"),
+        || async {
+            for addr in addrs {
+                for u in (0..USERS).step_by(7) {
+                    let path = format!("/v1/recommendations?user_id=u{u}&k=5");
+                    let (status, body) = http_json(*addr, "GET", &path, None).await?;
+                    if status != 200 || body["version"] != json!(version) {
+                        return Ok(false);
+                    }
+                }
+            }
+            Ok(true)
+        },
+    )
+    .await
 }
 
 /// A bounded request loop over scorers: one `GET /v1/recommendations` at a time, round robin

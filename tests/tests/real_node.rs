@@ -21,7 +21,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use recsys_core::cf::interactions::{Event, EventType};
 use recsys_core::events::{self, EventRow, PostgresEvents};
 use recsys_core::stores::{self, PostgresArgs};
-use recsys_tests::real_node::{RealNode, kubectl, run};
+use recsys_tests::real_node::{RealNode, create_from_literals, helm_install, kubectl, run};
 use recsys_tests::{TestEnv, TestNamespace, install_crds, repo_root, wait_for};
 use serde_json::{Value, json};
 
@@ -148,24 +148,6 @@ async fn finished_run(
 }
 
 /// Pods of a Job, or (with `label` `recsys.io/batchjob`) of every Job of a BatchJob.
-/// `kubectl -n n create <what> --from-literal=k=v…`: the ConfigMaps and Secrets a user creates.
-fn create_from_literals(
-    env: &TestEnv,
-    n: &str,
-    what: &[&str],
-    pairs: &[(&str, &str)],
-) -> anyhow::Result<()> {
-    let literals: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("--from-literal={k}={v}"))
-        .collect();
-    let mut args = vec!["-n", n, "create"];
-    args.extend_from_slice(what);
-    args.extend(literals.iter().map(String::as_str));
-    kubectl(env, &args)?;
-    Ok(())
-}
-
 /// Merges `patch` into BatchJob `name` and asks for a run with request `token`, as a user would
 /// with kubectl.
 fn rerun(env: &TestEnv, n: &str, name: &str, patch: &Value, token: &str) -> anyhow::Result<()> {
@@ -378,53 +360,19 @@ async fn end_to_end(
 
     // ---- helm install, with the images built here, everything on the real node.
     let release = format!("recsys-{}", n.rsplit('-').next().unwrap_or("e2e"));
-    let (op_repo, op_tag) = node.operator_image.rsplit_once(':').context("image tag")?;
-    let (tr_repo, tr_tag) = node.trainer_image.rsplit_once(':').context("image tag")?;
-    let (sc_repo, sc_tag) = node.scorer_image.rsplit_once(':').context("image tag")?;
-    let selector = node.node_selector().to_string();
-    let tolerations = node.tolerations().to_string();
-    let chart = repo_root().join("charts/recsys");
     let install_started = Instant::now();
-    run(env.command("helm").args([
-        "install",
-        &release,
-        chart.to_str().unwrap_or("charts/recsys"),
-        "--namespace",
+    helm_install(
+        &env,
+        &node,
         n,
-        "--wait",
-        "--timeout",
-        "180s",
-        "--set",
-        &format!("operator.image.repository={op_repo}"),
-        "--set",
-        &format!("operator.image.tag={op_tag}"),
-        "--set",
-        &format!("trainer.image.repository={tr_repo}"),
-        "--set",
-        &format!("trainer.image.tag={tr_tag}"),
-        "--set",
-        &format!("scorer.image.repository={sc_repo}"),
-        "--set",
-        &format!("scorer.image.tag={sc_tag}"),
-        "--set",
-        &format!("operator.watchNamespace={n}"),
-        "--set",
-        "registry.databaseSecret.name=recsys-registry",
-        "--set",
-        "registry.refreshInterval=5s",
-        "--set-json",
-        &format!("operator.nodeSelector={selector}"),
-        "--set-json",
-        &format!("operator.tolerations={tolerations}"),
-        "--set-json",
-        &format!("trainer.nodeSelector={selector}"),
-        "--set-json",
-        &format!("trainer.tolerations={tolerations}"),
-        "--set-json",
-        &format!("scorer.nodeSelector={selector}"),
-        "--set-json",
-        &format!("scorer.tolerations={tolerations}"),
-    ]))?;
+        &release,
+        &[
+            "--set",
+            "registry.databaseSecret.name=recsys-registry",
+            "--set",
+            "registry.refreshInterval=5s",
+        ],
+    )?;
     let operator_ready = install_started.elapsed();
     let pods: Api<Pod> = Api::namespaced(client.clone(), n);
     let operator_pods = pods
