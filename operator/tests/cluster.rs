@@ -28,6 +28,9 @@ use recsys_crds::feature_definition::Freshness;
 use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDeployment, Stage};
 use recsys_operator::controller::model_deployment::ROUTING_KEY;
 use recsys_scorer::recommend::cluster_routing::{ConfigMapRef, ConfigMapRoutingSource};
+use recsys_tests::experiments::{
+    now_ms, on_canary_everywhere, scorer_segment, segment_with, serve_and_maybe_click,
+};
 use recsys_tests::scorers::HostScorers;
 use recsys_tests::{TestEnv, TestNamespace, example, install_crds, wait_for};
 use serde_json::json;
@@ -534,10 +537,6 @@ fn whole_seconds(ms: i64) -> anyhow::Result<Time> {
     Ok(Time(k8s_openapi::jiff::Timestamp::from_second(
         ms.div_euclid(1000),
     )?))
-}
-
-fn now_ms() -> i64 {
-    k8s_openapi::jiff::Timestamp::now().as_millisecond()
 }
 
 /// Waits until the status satisfies `check`; returns the object.
@@ -1904,150 +1903,6 @@ async fn abort_retry_promote_and_undo_through_the_kubectl_plugin() -> anyhow::Re
     Ok(())
 }
 
-/// What the A/B traffic generator did, per variant: (impressions, impressions clicked).
-#[derive(Debug, Default)]
-struct Generated {
-    stable: (u64, u64),
-    canary: (u64, u64),
-    users: std::collections::BTreeMap<String, String>,
-}
-
-/// One list for `user` from scorer `from`, and a click on its first product with probability
-/// `click[variant]` (decided by a hash, so the run is reproducible) posted to the *other*
-/// scorer, so the attribution crosses pods through Redis.
-async fn serve_and_maybe_click(
-    scorers: &HostScorers,
-    from: usize,
-    user: &str,
-    round: usize,
-    click: (f64, f64),
-    generated: &mut Generated,
-) -> anyhow::Result<()> {
-    let addr = scorers.addrs[from % scorers.addrs.len()];
-    let (status, body) = recsys_tests::http_json(
-        addr,
-        "GET",
-        &format!("/v1/recommendations?user_id={user}&k=5"),
-        None,
-    )
-    .await?;
-    anyhow::ensure!(status == 200, "{status}: {body}");
-    anyhow::ensure!(
-        body["request_id"].as_str().is_some_and(|r| r.len() == 32),
-        "{body}"
-    );
-    let variant = body["variant"].as_str().context("a variant")?.to_owned();
-    let first = body["items"][0]["product_id"]
-        .as_str()
-        .context("a product")?
-        .to_owned();
-    let (p, side) = if variant == "canary" {
-        (click.1, &mut generated.canary)
-    } else {
-        (click.0, &mut generated.stable)
-    };
-    side.0 += 1;
-    generated.users.insert(user.to_owned(), variant);
-    let draw = f64::from(bucket("clicks", &format!("{user}/{round}"))) / 10_000.0;
-    if draw < p {
-        side.1 += 1;
-        let other = scorers.addrs[(from + 1) % scorers.addrs.len()];
-        let event = json!({"events": [
-            {"user_id": user, "product_id": first, "event_type": "click", "timestamp": now_ms()},
-            // A second click on the same list counts once.
-            {"user_id": user, "product_id": first, "event_type": "click", "timestamp": now_ms() + 1}
-        ]});
-        let (status, body) =
-            recsys_tests::http_json(other, "POST", "/v1/events", Some(event)).await?;
-        anyhow::ensure!(status == 202, "{status}: {body}");
-    }
-    Ok(())
-}
-
-/// Waits until every scorer serves a user whose bucket is in `buckets` from the candidate
-/// (its scores: one impression per probe).
-async fn on_canary_everywhere(
-    scorers: &HostScorers,
-    salt: &str,
-    users: &[String],
-    buckets: std::ops::Range<u16>,
-) -> anyhow::Result<()> {
-    let user = users
-        .iter()
-        .find(|u| buckets.contains(&bucket(salt, u)))
-        .context("a user in the buckets")?;
-    wait_for(WAIT, "every scorer on the new table", || async {
-        for addr in &scorers.addrs {
-            let (_, b) = recsys_tests::http_json(
-                *addr,
-                "POST",
-                "/v1/scores",
-                Some(json!({"user_id": user, "product_ids": ["p1"]})),
-            )
-            .await?;
-            if b["variant"] != "canary" {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    })
-    .await
-}
-
-/// The (impressions, clicks) per variant of the scorers' segment at `weight`, zero if none yet.
-async fn scorer_segment(addr: std::net::SocketAddr, weight: u64) -> anyhow::Result<Generated> {
-    // Impressions are written off the request path: let the queue drain.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (status, body) =
-        recsys_tests::http_json(addr, "GET", "/v1/experiments?model=als", None).await?;
-    anyhow::ensure!(status == 200, "{status}: {body}");
-    let mut out = Generated::default();
-    let segments = body["segments"].as_array().cloned().unwrap_or_default();
-    for seg in segments
-        .iter()
-        .filter(|g| g["canary_weight"] == json!(weight))
-    {
-        for v in seg["variants"].as_array().into_iter().flatten() {
-            let counts = (
-                v["impressions"].as_u64().unwrap_or(0),
-                v["clicks"].as_u64().unwrap_or(0),
-            );
-            if v["variant"] == "canary" {
-                out.canary = counts;
-            } else {
-                out.stable = counts;
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The status segment of `weight`, once its impressions reach what was generated.
-async fn segment_with(
-    mds: &Api<ModelDeployment>,
-    weight: i32,
-    impressions: u64,
-) -> anyhow::Result<recsys_crds::model_deployment::ExperimentSegment> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let s = md_status(mds, "als").await?;
-        let seg = s
-            .experiment
-            .and_then(|x| x.segments.into_iter().find(|g| g.canary_weight == weight));
-        match seg {
-            Some(g)
-                if g.variants.iter().map(|v| v.impressions).sum::<i64>() >= impressions as i64 =>
-            {
-                return Ok(g);
-            }
-            other if tokio::time::Instant::now() > deadline => {
-                anyhow::bail!("no readout at {weight}% with {impressions} impressions: {other:?}")
-            }
-            _ => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
-    }
-}
-
 #[tokio::test]
 async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_the_ratio_check()
 -> anyhow::Result<()> {
@@ -2097,15 +1952,15 @@ async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_th
         .map(|u| format!("u{u}"))
         .collect();
     // Every scorer must follow the table before traffic counts.
-    on_canary_everywhere(&scorers, salt, &users, 0..2000).await?;
+    on_canary_everywhere(&scorers.addrs, salt, &users, 0..2000, WAIT).await?;
     // The probes were served lists too: they are the baseline of the counts.
-    let mut generated = scorer_segment(scorers.addrs[0], 20).await?;
+    let mut generated = scorer_segment(scorers.addrs[0], "als", 20).await?;
 
     // Known CTRs: 10% on stable, 30% on the candidate.
     for round in 0..5 {
         for (i, user) in users.iter().enumerate() {
             serve_and_maybe_click(
-                &scorers,
+                &scorers.addrs,
                 i + round,
                 user,
                 round,
@@ -2116,7 +1971,7 @@ async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_th
         }
     }
     let total = generated.stable.0 + generated.canary.0;
-    let seg = segment_with(&mds, 20, total).await?;
+    let seg = segment_with(&mds, "als", 20, total, WAIT).await?;
     let side = |name: &str| {
         seg.variants
             .iter()
@@ -2162,16 +2017,16 @@ async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_th
     .await?;
     wait_for(WAIT, "v2 paused at 50%", || paused_at(50)).await?;
     // A user in bucket 2000–4999 is on the candidate only at 50%.
-    on_canary_everywhere(&scorers, salt, &users, 2000..5000).await?;
-    let mut skewed = Generated::default();
+    on_canary_everywhere(&scorers.addrs, salt, &users, 2000..5000, WAIT).await?;
+    let mut skewed = recsys_tests::experiments::Generated::default();
     for (i, user) in users.iter().enumerate() {
         let on_canary = bucket(salt, user) < 5000;
         if on_canary && i % 5 != 0 {
             continue;
         }
-        serve_and_maybe_click(&scorers, i, user, 99, (0.10, 0.10), &mut skewed).await?;
+        serve_and_maybe_click(&scorers.addrs, i, user, 99, (0.10, 0.10), &mut skewed).await?;
     }
-    let seg = segment_with(&mds, 50, skewed.stable.0 + skewed.canary.0).await?;
+    let seg = segment_with(&mds, "als", 50, skewed.stable.0 + skewed.canary.0, WAIT).await?;
     println!("50%: {}", seg.summary);
     let split = seg.sample_ratio.as_ref().context("a split")?;
     assert!(

@@ -16,6 +16,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, Config};
 use tokio::sync::OnceCell;
 
+pub mod experiments;
 pub mod real_node;
 pub mod recommend;
 pub mod scorers;

@@ -154,6 +154,7 @@ impl HostScorers {
             // The slice's ready condition follows /readyz, as a pod's readiness would.
             let name = format!("{deployment}-scorer-host-{i}");
             let service = format!("{deployment}-scorer");
+            let owner = deployment.to_owned();
             let slices = slices.clone();
             let slice = move |ready: bool| {
                 json!({
@@ -161,7 +162,9 @@ impl HostScorers {
                     "kind": "EndpointSlice",
                     "metadata": {
                         "name": name,
+                        // The Service's labels, as the EndpointSlice controller copies them.
                         "labels": {
+                            "recsys.io/scorer-for": owner,
                             "kubernetes.io/service-name": service,
                             "endpointslice.kubernetes.io/managed-by": "recsys-tests"
                         }

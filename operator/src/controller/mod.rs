@@ -556,8 +556,10 @@ pub async fn run_all(
                     .collect::<Vec<_>>()
             },
         );
-    // A ModelDeployment looks again when its routing table is edited and when its scorer
-    // Deployment changes (pods becoming ready or not).
+    // A ModelDeployment looks again when its routing table is edited, when its scorer
+    // Deployment changes, and when its Service's endpoints do: the EndpointSlices (which carry
+    // the Service's labels) change after the Deployment's status when pods become ready or
+    // not, and the scorer pods they list are what the rollout reads.
     let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config)
         .owns(
             scope.api::<ConfigMap>(&client),
@@ -566,6 +568,14 @@ pub async fn run_all(
         .owns(
             scope.api::<k8s_openapi::api::apps::v1::Deployment>(&client),
             watcher::Config::default().labels(scorer::SCORER_LABEL),
+        )
+        .watches(
+            scope.api::<k8s_openapi::api::discovery::v1::EndpointSlice>(&client),
+            watcher::Config::default().labels(scorer::SCORER_LABEL),
+            |slice| {
+                let owner = slice.labels().get(scorer::SCORER_LABEL)?;
+                Some(ObjectRef::new(owner).within(&slice.namespace()?))
+            },
         );
 
     let reporter = Reporter {

@@ -306,7 +306,8 @@ fn offline_check(analysis: &AnalysisSpec, evidence: &Evidence) -> Result<Option<
 
 /// Moves `status` (with a stable version other than `spec.version`) through the steps as far as
 /// `now`, the scorer pods and the analysis allow, and says where it stands. While the
-/// candidate is exposed and analysed, it looks again at least every analysis interval.
+/// candidate is exposed and analysed, or takes users (whose A/B readout is read), it looks
+/// again at least every analysis interval.
 pub fn advance(
     md: &ModelDeployment,
     status: &mut ModelDeploymentStatus,
@@ -315,8 +316,10 @@ pub fn advance(
 ) -> Progress {
     let mut progress = advance_steps(md, status, evidence, now);
     let analysis = &md.spec.strategy.analysis;
-    if has_live_thresholds(analysis)
-        && super::analysis::exposure(status).is_some()
+    let exposure = super::analysis::exposure(status);
+    let analysed = has_live_thresholds(analysis) && exposure.is_some();
+    let read_out = exposure == Some(recsys_core::serving::analysis::Exposure::Canary);
+    if (analysed || read_out)
         && let Ok(interval) = analysis.interval.to_std()
     {
         progress.requeue = Some(progress.requeue.map_or(interval, |r| r.min(interval)));
@@ -828,7 +831,8 @@ spec:
             (p.reason.as_str(), s.stage, s.canary_weight),
             ("AwaitingApproval", Stage::Paused, 10)
         );
-        assert_eq!(p.requeue, None);
+        // Users are on the candidate: its A/B readout is read every interval.
+        assert_eq!(p.requeue, Some(Duration::from_secs(60)));
         let p = advance(&m, &mut s, &LOADED, at("2026-11-26T15:00:00Z"));
         assert_eq!(
             p.reason.as_str(),
