@@ -35,7 +35,9 @@ use recsys_operator::controller::model_deployment::ROUTING_KEY;
 use recsys_tests::experiments::{
     Generated, on_canary_everywhere, scorer_segment, segment_with, serve_and_maybe_click,
 };
-use recsys_tests::real_node::{RealNode, create_from_literals, helm_install, kubectl};
+use recsys_tests::real_node::{
+    RealNode, create_from_literals, helm_install, kubectl, print_diagnostics,
+};
 use recsys_tests::scorers::{RequestLoop, USERS, every_user_on, publish_synthetic};
 use recsys_tests::{TestEnv, TestNamespace, install_crds, wait_for};
 use serde_json::{Value, json};
@@ -53,31 +55,11 @@ async fn rollouts_run_themselves_on_scorer_pods_of_the_real_node() -> anyhow::Re
     let ns = TestNamespace::create(&env, &client, "pods").await?;
     let result = scenarios(&env, &node, &client, &ns.name).await;
     if result.is_err() {
-        for args in [
-            vec!["get", "pods,deployments,modeldeployments", "-o", "wide"],
-            vec!["get", "events", "--sort-by=.lastTimestamp"],
-            vec![
-                "logs",
-                "-l",
-                "app.kubernetes.io/name=recsys-operator",
-                "--tail=60",
-            ],
-            vec![
-                "logs",
-                "-l",
-                "app.kubernetes.io/name=recsys-scorer",
-                "--tail=20",
-            ],
-            vec!["get", "modeldeployment", MODEL, "-o", "yaml"],
-        ] {
-            let mut full = vec!["-n", ns.name.as_str()];
-            full.extend(args.iter().copied());
-            eprintln!(
-                "$ kubectl {}\n{}",
-                full.join(" "),
-                kubectl(&env, &full).unwrap_or_else(|e| e.to_string())
-            );
-        }
+        print_diagnostics(
+            &env,
+            &ns.name,
+            "pods,deployments,endpointslices,modeldeployments",
+        );
     }
     result
 }

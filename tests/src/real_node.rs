@@ -249,6 +249,28 @@ pub fn helm_install(
     Ok(())
 }
 
+/// Prints what a user would look at first when something failed in namespace `ns`: its pods
+/// and `kinds`, its events, the last operator and scorer logs.
+pub fn print_diagnostics(env: &TestEnv, ns: &str, kinds: &str) {
+    let operator_logs = "app.kubernetes.io/name=recsys-operator";
+    let scorer_logs = "app.kubernetes.io/name=recsys-scorer";
+    for args in [
+        vec!["get", kinds, "-o", "wide"],
+        vec!["get", "events", "--sort-by=.lastTimestamp"],
+        vec!["logs", "-l", operator_logs, "--tail=60"],
+        vec!["logs", "-l", scorer_logs, "--tail=20"],
+        vec!["get", "modeldeployments", "-o", "yaml"],
+    ] {
+        let mut full = vec!["-n", ns];
+        full.extend(args.iter().copied());
+        eprintln!(
+            "$ kubectl {}\n{}",
+            full.join(" "),
+            kubectl(env, &full).unwrap_or_else(|e| e.to_string())
+        );
+    }
+}
+
 /// Runs `kubectl args` with the environment's kubeconfig; its stdout, or an error with both
 /// streams.
 pub fn kubectl(env: &TestEnv, args: &[&str]) -> anyhow::Result<String> {

@@ -21,7 +21,9 @@ use kube::core::{ApiResource, GroupVersionKind};
 use recsys_core::cf::interactions::{Event, EventType};
 use recsys_core::events::{self, EventRow, PostgresEvents};
 use recsys_core::stores::{self, PostgresArgs};
-use recsys_tests::real_node::{RealNode, create_from_literals, helm_install, kubectl, run};
+use recsys_tests::real_node::{
+    RealNode, create_from_literals, helm_install, kubectl, print_diagnostics, run,
+};
 use recsys_tests::{TestEnv, TestNamespace, install_crds, repo_root, wait_for};
 use serde_json::{Value, json};
 
@@ -264,36 +266,11 @@ async fn the_chart_runs_for_real_on_the_real_node() -> anyhow::Result<()> {
     let ns = TestNamespace::create(&env, &client, "e2e").await?;
     let result = end_to_end(&env, &node, &client, &ns.name, started).await;
     if result.is_err() {
-        // What a user would look at first.
-        for args in [
-            vec![
-                "get",
-                "pods,jobs,cronjobs,batchjobs,modeldeployments,featuredefinitions",
-                "-o",
-                "wide",
-            ],
-            vec!["get", "events", "--sort-by=.lastTimestamp"],
-            vec![
-                "logs",
-                "-l",
-                "app.kubernetes.io/name=recsys-operator",
-                "--tail=40",
-            ],
-            vec![
-                "logs",
-                "-l",
-                "app.kubernetes.io/name=recsys-scorer",
-                "--tail=20",
-            ],
-        ] {
-            let mut full = vec!["-n", ns.name.as_str()];
-            full.extend(args.iter().copied());
-            eprintln!(
-                "$ kubectl {}\n{}",
-                full.join(" "),
-                kubectl(&env, &full).unwrap_or_else(|e| e.to_string())
-            );
-        }
+        print_diagnostics(
+            &env,
+            &ns.name,
+            "pods,jobs,cronjobs,batchjobs,modeldeployments,featuredefinitions",
+        );
     }
     result
 }
