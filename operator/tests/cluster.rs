@@ -29,7 +29,7 @@ use recsys_crds::{BatchJob, FeatureDefinition, FeatureDefinitionStatus, ModelDep
 use recsys_operator::controller::model_deployment::ROUTING_KEY;
 use recsys_scorer::recommend::cluster_routing::{ConfigMapRef, ConfigMapRoutingSource};
 use recsys_tests::experiments::{
-    now_ms, on_canary_everywhere, scorer_segment, segment_with, serve_and_maybe_click,
+    now_ms, on_canary_everywhere, post_clicks, scorer_segment, segment_with, serve_and_maybe_click,
 };
 use recsys_tests::scorers::HostScorers;
 use recsys_tests::{TestEnv, TestNamespace, example, install_crds, wait_for};
@@ -1969,9 +1969,14 @@ async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_th
             )
             .await?;
         }
+        // Users click after their lists are shown, before the next round's lists.
+        post_clicks(&scorers.addrs, "als", 20, &mut generated, WAIT).await?;
     }
-    let total = generated.stable.0 + generated.canary.0;
-    let seg = segment_with(&mds, "als", 20, total, WAIT).await?;
+    let counts = (
+        generated.stable.0 + generated.canary.0,
+        generated.stable.1 + generated.canary.1,
+    );
+    let seg = segment_with(&mds, "als", 20, counts, WAIT).await?;
     let side = |name: &str| {
         seg.variants
             .iter()
@@ -2026,7 +2031,12 @@ async fn the_ab_readout_finds_a_known_ctr_difference_and_a_skewed_split_trips_th
         }
         serve_and_maybe_click(&scorers.addrs, i, user, 99, (0.10, 0.10), &mut skewed).await?;
     }
-    let seg = segment_with(&mds, "als", 50, skewed.stable.0 + skewed.canary.0, WAIT).await?;
+    post_clicks(&scorers.addrs, "als", 50, &mut skewed, WAIT).await?;
+    let counts = (
+        skewed.stable.0 + skewed.canary.0,
+        skewed.stable.1 + skewed.canary.1,
+    );
+    let seg = segment_with(&mds, "als", 50, counts, WAIT).await?;
     println!("50%: {}", seg.summary);
     let split = seg.sample_ratio.as_ref().context("a split")?;
     assert!(

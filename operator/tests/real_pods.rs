@@ -33,7 +33,8 @@ use recsys_crds::model_deployment::Verdict;
 use recsys_crds::{ModelDeployment, ModelDeploymentStatus, Stage};
 use recsys_operator::controller::model_deployment::ROUTING_KEY;
 use recsys_tests::experiments::{
-    Generated, on_canary_everywhere, scorer_segment, segment_with, serve_and_maybe_click,
+    Generated, on_canary_everywhere, post_clicks, scorer_segment, segment_with,
+    serve_and_maybe_click,
 };
 use recsys_tests::real_node::{
     RealNode, create_from_literals, helm_install, kubectl, print_diagnostics,
@@ -529,15 +530,14 @@ async fn scenarios(env: &TestEnv, node: &RealNode, client: &Client, n: &str) -> 
             )
             .await?;
         }
+        // Users click after their lists are shown, before the next round's lists.
+        post_clicks(&scorer_pods, MODEL, 20, &mut generated, WAIT).await?;
     }
-    let seg = segment_with(
-        &mds,
-        MODEL,
-        20,
+    let counts = (
         generated.stable.0 + generated.canary.0,
-        WAIT,
-    )
-    .await?;
+        generated.stable.1 + generated.canary.1,
+    );
+    let seg = segment_with(&mds, MODEL, 20, counts, WAIT).await?;
     let side = |name: &str| {
         seg.variants
             .iter()
@@ -577,7 +577,12 @@ async fn scenarios(env: &TestEnv, node: &RealNode, client: &Client, n: &str) -> 
         }
         serve_and_maybe_click(&scorer_pods, i, user, 99, (0.10, 0.10), &mut skewed).await?;
     }
-    let seg = segment_with(&mds, MODEL, 50, skewed.stable.0 + skewed.canary.0, WAIT).await?;
+    post_clicks(&scorer_pods, MODEL, 50, &mut skewed, WAIT).await?;
+    let counts = (
+        skewed.stable.0 + skewed.canary.0,
+        skewed.stable.1 + skewed.canary.1,
+    );
+    let seg = segment_with(&mds, MODEL, 50, counts, WAIT).await?;
     let split = seg.sample_ratio.as_ref().context("a split")?;
     assert!(
         split.mismatch && split.p_value < 0.001 && split.observed_canary_share < 0.3,

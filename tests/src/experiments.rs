@@ -22,6 +22,8 @@ pub struct Generated {
     pub canary: (u64, u64),
     /// The variant that last served each user.
     pub users: std::collections::BTreeMap<String, String>,
+    /// Clicks decided but not posted yet: (scorer index, user, product).
+    pub pending: Vec<(usize, String, String)>,
 }
 
 /// Now, in milliseconds since the epoch (an event's timestamp).
@@ -31,9 +33,10 @@ pub fn now_ms() -> i64 {
 
 /// One list for `user` from scorer `addrs[from]`, and a click on its first product with
 /// probability `click.0` on stable and `click.1` on the candidate (decided by a hash, so the
-/// run is reproducible), posted to the *next* scorer, so the attribution crosses scorers
-/// through their shared Redis. Each click is posted twice: a second click on the same list
-/// counts once.
+/// run is reproducible), to be posted by [`post_clicks`] to the *next* scorer, so the
+/// attribution crosses scorers through their shared Redis. Clicks come after the lists are
+/// recorded, as a user's click comes after the page: impressions are written off the request
+/// path, and a click posted in the same millisecond could find none yet.
 pub async fn serve_and_maybe_click(
     addrs: &[SocketAddr],
     from: usize,
@@ -70,12 +73,35 @@ pub async fn serve_and_maybe_click(
     let draw = f64::from(bucket("clicks", &format!("{user}/{round}"))) / 10_000.0;
     if draw < p {
         side.1 += 1;
-        let other = addrs[(from + 1) % addrs.len()];
+        generated.pending.push((from + 1, user.to_owned(), first));
+    }
+    Ok(())
+}
+
+/// Posts the clicks [`serve_and_maybe_click`] decided, each twice (a second click on the same
+/// list counts once), once scorer `addrs[0]` counts every list served at `weight` so far (a
+/// click goes to the newest list that showed the product: post a round's clicks before the
+/// next round's lists).
+pub async fn post_clicks(
+    addrs: &[SocketAddr],
+    model: &str,
+    weight: u64,
+    generated: &mut Generated,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let served = generated.stable.0 + generated.canary.0;
+    wait_for(timeout, "every list served recorded", || async {
+        let seen = scorer_segment(addrs[0], model, weight).await?;
+        Ok(seen.stable.0 + seen.canary.0 >= served)
+    })
+    .await?;
+    for (to, user, product) in std::mem::take(&mut generated.pending) {
         let event = json!({"events": [
-            {"user_id": user, "product_id": first, "event_type": "click", "timestamp": now_ms()},
-            {"user_id": user, "product_id": first, "event_type": "click", "timestamp": now_ms() + 1}
+            {"user_id": user, "product_id": product, "event_type": "click", "timestamp": now_ms()},
+            {"user_id": user, "product_id": product, "event_type": "click", "timestamp": now_ms() + 1}
         ]});
-        let (status, body) = http_json(other, "POST", "/v1/events", Some(event)).await?;
+        let addr = addrs[to % addrs.len()];
+        let (status, body) = http_json(addr, "POST", "/v1/events", Some(event)).await?;
         anyhow::ensure!(status == 202, "{status}: {body}");
     }
     Ok(())
@@ -146,14 +172,15 @@ pub async fn scorer_segment(
 }
 
 /// The segment at `weight` of ModelDeployment `name`'s `status.experiment`, once its
-/// impressions reach `impressions`.
+/// impressions and clicks reach `counts`.
 pub async fn segment_with(
     mds: &Api<ModelDeployment>,
     name: &str,
     weight: i32,
-    impressions: u64,
+    counts: (u64, u64),
     timeout: Duration,
 ) -> anyhow::Result<ExperimentSegment> {
+    let (impressions, clicks) = counts;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let s = mds.get(name).await?.status.unwrap_or_default();
@@ -162,13 +189,14 @@ pub async fn segment_with(
             .and_then(|x| x.segments.into_iter().find(|g| g.canary_weight == weight));
         match seg {
             Some(g)
-                if g.variants.iter().map(|v| v.impressions).sum::<i64>() >= impressions as i64 =>
+                if g.variants.iter().map(|v| v.impressions).sum::<i64>() >= impressions as i64
+                    && g.variants.iter().map(|v| v.clicks).sum::<i64>() >= clicks as i64 =>
             {
                 return Ok(g);
             }
-            other if tokio::time::Instant::now() > deadline => {
-                anyhow::bail!("no readout at {weight}% with {impressions} impressions: {other:?}")
-            }
+            other if tokio::time::Instant::now() > deadline => anyhow::bail!(
+                "no readout at {weight}% with {impressions} impressions and {clicks} clicks: {other:?}"
+            ),
             _ => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }
