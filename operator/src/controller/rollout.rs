@@ -319,9 +319,8 @@ pub fn advance(
     let exposure = super::analysis::exposure(status);
     let analysed = has_live_thresholds(analysis) && exposure.is_some();
     let read_out = exposure == Some(recsys_core::serving::analysis::Exposure::Canary);
-    if (analysed || read_out)
-        && let Ok(interval) = analysis.interval.to_std()
-    {
+    if analysed || read_out {
+        let interval = super::analysis::interval(analysis);
         progress.requeue = Some(progress.requeue.map_or(interval, |r| r.min(interval)));
     }
     progress
