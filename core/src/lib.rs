@@ -10,6 +10,7 @@ pub mod cf;
 pub mod events;
 pub mod exit;
 pub mod features;
+pub mod quality;
 pub mod runs;
 pub mod serving;
 pub mod stats;

@@ -1,0 +1,497 @@
+//! The profile of an event source: everything the event checks judge, gathered in one pass.
+//!
+//! - The Postgres `events` table: the columns from `information_schema`, then **one**
+//!   aggregate over the history window grouped by hour and event type (rows, missing fields,
+//!   over-long ids, future times, the newest time), plus two small queries over the check
+//!   window through the `occurred_at` index (duplicates, and products missing from the
+//!   catalog when one is named) and an index lookup of rows without a time.
+//! - An events file: read once, leniently: a line that is not an event is counted (the file's
+//!   schema check), a missing field is counted (completeness), and reading goes on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::BufRead;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::QualityArgs;
+use super::volume::HOUR_MS;
+use crate::events::{EventsError, FileFormat};
+
+/// A column of the events table as the database has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    /// Column name.
+    pub name: String,
+    /// `information_schema.columns.data_type`.
+    pub data_type: String,
+}
+
+/// Events of one hour and one event type.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bucket {
+    /// The hour's index (`ms / 3,600,000`); `None` for events without a time (files).
+    pub hour: Option<i64>,
+    /// The event type as stored; `None` when missing.
+    pub event_type: Option<String>,
+    /// Events.
+    pub rows: u64,
+    /// Events without a user id (null or empty).
+    pub missing_user: u64,
+    /// Events without a product id (null or empty).
+    pub missing_product: u64,
+    /// Events with an id over the length limit.
+    pub long_ids: u64,
+    /// Events dated after now plus the allowed skew.
+    pub future: u64,
+}
+
+/// Events for products not in the catalog, over the check window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnknownProducts {
+    /// Such events.
+    pub unknown: u64,
+    /// Events in the window.
+    pub rows: u64,
+    /// Distinct such products.
+    pub products: u64,
+    /// One of them.
+    pub example: Option<String>,
+}
+
+/// What the event checks judge.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EventProfile {
+    /// `events`, or the file's path.
+    pub target: String,
+    /// The time judged at (now, or `--at`), ms.
+    pub at_ms: i64,
+    /// Start of the history read (volume baseline), ms.
+    pub history_from_ms: i64,
+    /// The table's columns; `None` for a file.
+    pub columns: Option<Vec<Column>>,
+    /// Events by hour and type since `history_from_ms` (and all future ones).
+    pub buckets: Vec<Bucket>,
+    /// Events without a time.
+    pub missing_time: u64,
+    /// The newest event time up to now plus the skew.
+    pub newest_ms: Option<i64>,
+    /// `(duplicates, events)` in the check window: events repeating another's user, product,
+    /// type and time.
+    pub duplicates: Option<(u64, u64)>,
+    /// Events for products missing from the catalog, when a catalog was given.
+    pub unknown_products: Option<UnknownProducts>,
+    /// File lines that are not events.
+    pub malformed: u64,
+    /// The first such line's problem, with its line number.
+    pub malformed_example: Option<String>,
+}
+
+impl EventProfile {
+    /// A required column the table lacks, if any.
+    pub fn missing_required_column(&self) -> Option<&'static str> {
+        let columns = self.columns.as_ref()?;
+        super::EXPECTED_COLUMNS
+            .iter()
+            .filter(|(_, _, required)| *required)
+            .map(|(name, _, _)| *name)
+            .find(|name| !columns.iter().any(|c| c.name == *name))
+    }
+}
+
+/// Why a profile could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The events could not be read.
+    #[error(transparent)]
+    Events(#[from] EventsError),
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// The catalog could not be used.
+    #[error("catalog {name}: {reason}")]
+    Catalog {
+        /// The table or file.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ProfileError {
+    /// Stable label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Events(e) => e.kind(),
+            Self::Postgres(_) => "QualityPostgres",
+            Self::Catalog { .. } => "QualityCatalog",
+        }
+    }
+
+    /// Whether a retry can help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Self::Events(e) => e.retryable(),
+            Self::Postgres(e) => !matches!(e, sqlx::Error::Database(_)),
+            Self::Catalog { .. } => false,
+        }
+    }
+}
+
+fn ts(ms: i64) -> DateTime<Utc> {
+    DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// A table name: `name` or `schema.name`, lower-case identifiers; quoted for SQL.
+fn catalog_table(name: &str) -> Result<String, ProfileError> {
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 2 || !parts.iter().all(|p| ok(p)) {
+        return Err(ProfileError::Catalog {
+            name: name.to_owned(),
+            reason: "not a table name (lower-case letters, digits and _, optionally schema.table)"
+                .into(),
+        });
+    }
+    Ok(parts
+        .iter()
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
+type AggRow = (
+    Option<i64>,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<DateTime<Utc>>,
+);
+
+/// Profiles the Postgres `events` table at `at_ms`; `catalog` names a table with a
+/// `product_id` column.
+pub async fn postgres(
+    pool: &PgPool,
+    at_ms: i64,
+    args: &QualityArgs,
+    catalog: Option<&str>,
+) -> Result<EventProfile, ProfileError> {
+    let history_from_ms = at_ms - args.history_ms();
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns
+         WHERE table_schema = current_schema() AND table_name = 'events'
+         ORDER BY ordinal_position",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut p = EventProfile {
+        target: "events".into(),
+        at_ms,
+        history_from_ms,
+        columns: Some(
+            columns
+                .into_iter()
+                .map(|(name, data_type)| Column { name, data_type })
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    if p.missing_required_column().is_some() {
+        return Ok(p);
+    }
+    let future_from = ts(at_ms + args.future_skew.ms);
+    // The one pass: every per-event figure, grouped by hour and type.
+    let rows: Vec<AggRow> = sqlx::query_as(
+        "SELECT floor(extract(epoch FROM occurred_at) / 3600)::bigint AS hour, event_type,
+                count(*),
+                count(*) FILTER (WHERE user_id IS NULL OR user_id = ''),
+                count(*) FILTER (WHERE product_id IS NULL OR product_id = ''),
+                count(*) FILTER (WHERE octet_length(event_id) > $3 OR octet_length(user_id) > $3
+                                    OR octet_length(product_id) > $3),
+                count(*) FILTER (WHERE occurred_at > $2),
+                max(occurred_at) FILTER (WHERE occurred_at <= $2)
+         FROM events WHERE occurred_at >= $1
+         GROUP BY 1, 2",
+    )
+    .bind(ts(history_from_ms))
+    .bind(future_from)
+    .bind(i32::try_from(args.max_id_bytes).unwrap_or(i32::MAX))
+    .fetch_all(pool)
+    .await?;
+    for (hour, event_type, n, mu, mp, long, future, newest) in rows {
+        p.newest_ms = p.newest_ms.max(newest.map(|t| t.timestamp_millis()));
+        p.buckets.push(Bucket {
+            hour,
+            event_type,
+            rows: n as u64,
+            missing_user: mu as u64,
+            missing_product: mp as u64,
+            long_ids: long as u64,
+            future: future as u64,
+        });
+    }
+    p.missing_time =
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE occurred_at IS NULL")
+            .fetch_one(pool)
+            .await? as u64;
+    let (from, to) = (ts(at_ms - args.window.ms), ts(at_ms));
+    let (rows, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (user_id, product_id, event_type, occurred_at))
+         FROM events WHERE occurred_at >= $1 AND occurred_at <= $2",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch_one(pool)
+    .await?;
+    p.duplicates = Some(((rows - distinct).max(0) as u64, rows as u64));
+    if let Some(name) = catalog {
+        let table = catalog_table(name)?;
+        let (unknown, products, example): (i64, i64, Option<String>) =
+            // The table name is validated and quoted by `catalog_table`; values are bound.
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*), count(DISTINCT e.product_id), min(e.product_id) FROM events e
+                 WHERE e.occurred_at >= $1 AND e.occurred_at <= $2
+                   AND NOT EXISTS (SELECT 1 FROM {table} c WHERE c.product_id = e.product_id)"
+            )))
+        .bind(from)
+        .bind(to)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) => ProfileError::Catalog {
+                name: name.to_owned(),
+                reason: d.message().to_owned(),
+            },
+            other => other.into(),
+        })?;
+        p.unknown_products = Some(UnknownProducts {
+            unknown: unknown as u64,
+            rows: rows as u64,
+            products: products as u64,
+            example,
+        });
+    }
+    Ok(p)
+}
+
+/// Reads a catalog file: one product id a line, or JSON lines with a `product_id` (or `id`).
+pub fn read_catalog_file(path: &Path) -> Result<HashSet<String>, ProfileError> {
+    let err = |reason: String| ProfileError::Catalog {
+        name: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let mut out = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if t.starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(t).map_err(|e| err(format!("line {}: {e}", n + 1)))?;
+            let id = v
+                .get("product_id")
+                .or_else(|| v.get("id"))
+                .and_then(|x| match x {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .ok_or_else(|| err(format!("line {}: no product_id", n + 1)))?;
+            out.insert(id);
+        } else {
+            out.insert(t.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// One event as read leniently from a file.
+#[derive(Default)]
+struct RawEvent {
+    id: Option<String>,
+    user: Option<String>,
+    product: Option<String>,
+    kind: Option<String>,
+    ts_ms: Option<i64>,
+}
+
+fn text_field(v: &serde_json::Value, keys: &[&str]) -> Option<String> {
+    keys.iter().find_map(|k| v.get(*k)).and_then(|x| match x {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+fn raw_json(line: &str) -> Result<RawEvent, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("not an event object".into());
+    }
+    let ts_ms = match v.get("timestamp").or_else(|| v.get("ts")) {
+        Some(serde_json::Value::Number(n)) => n.as_i64(),
+        Some(serde_json::Value::String(s)) => DateTime::parse_from_rfc3339(s)
+            .ok()
+            .map(|t| t.timestamp_millis()),
+        _ => None,
+    };
+    Ok(RawEvent {
+        id: text_field(&v, &["event_id", "id"]),
+        user: text_field(&v, &["user_id", "user"]),
+        product: text_field(&v, &["product_id", "item", "item_id"]),
+        kind: v
+            .get("event_type")
+            .or_else(|| v.get("type"))
+            .and_then(|x| x.as_str())
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned),
+        ts_ms,
+    })
+}
+
+/// Profiles an events file at `at_ms`. JSON lines are read leniently (the checks count what
+/// is wrong); other formats through their strict readers, a parse error counting as the file's
+/// schema failure.
+pub fn file(
+    path: &Path,
+    format: FileFormat,
+    at_ms: i64,
+    args: &QualityArgs,
+    catalog: Option<&HashSet<String>>,
+) -> Result<EventProfile, ProfileError> {
+    let mut p = EventProfile {
+        target: path.display().to_string(),
+        at_ms,
+        history_from_ms: at_ms - args.history_ms(),
+        ..Default::default()
+    };
+    let jsonl = match format {
+        FileFormat::Jsonl => true,
+        FileFormat::Auto => {
+            let first = std::fs::File::open(path)
+                .map(std::io::BufReader::new)
+                .and_then(|mut r| {
+                    let mut s = String::new();
+                    r.read_line(&mut s).map(|_| s)
+                })
+                .map_err(|source| EventsError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            let t = first.trim_start();
+            t.starts_with('{') && !(t.contains("\"session\"") && t.contains("\"events\""))
+        }
+        _ => false,
+    };
+    let mut raws = vec![];
+    if jsonl {
+        let f = std::fs::File::open(path).map_err(|source| EventsError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(|source| EventsError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            match raw_json(t) {
+                Ok(r) => raws.push(r),
+                Err(e) => {
+                    p.malformed += 1;
+                    p.malformed_example
+                        .get_or_insert_with(|| format!("line {}: {e}", n + 1));
+                }
+            }
+        }
+    } else {
+        match crate::events::read_file(path, format) {
+            Ok(events) => raws.extend(events.into_iter().map(|e| RawEvent {
+                id: None,
+                user: Some(e.user),
+                product: Some(e.item),
+                kind: Some(e.kind.as_str().to_owned()),
+                ts_ms: e.ts_ms,
+            })),
+            Err(EventsError::Parse { line, message, .. }) => {
+                p.malformed = 1;
+                p.malformed_example = Some(format!("line {line}: {message}"));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let future_from = at_ms + args.future_skew.ms;
+    let window_from = at_ms - args.window.ms;
+    let mut buckets: BTreeMap<(Option<i64>, Option<String>), Bucket> = BTreeMap::new();
+    let mut seen: HashMap<(String, String, String, i64), u64> = HashMap::new();
+    let mut window_rows = 0u64;
+    let mut unknown = UnknownProducts::default();
+    let mut unknown_set = HashSet::new();
+    let long = |s: &Option<String>| s.as_ref().is_some_and(|x| x.len() > args.max_id_bytes);
+    for r in &raws {
+        let Some(t) = r.ts_ms else {
+            p.missing_time += 1;
+            continue;
+        };
+        if t < p.history_from_ms {
+            continue;
+        }
+        if t <= future_from {
+            p.newest_ms = p.newest_ms.max(Some(t));
+        }
+        let b = buckets
+            .entry((Some(t.div_euclid(HOUR_MS)), r.kind.clone()))
+            .or_default();
+        b.rows += 1;
+        b.missing_user += u64::from(r.user.is_none());
+        b.missing_product += u64::from(r.product.is_none());
+        b.long_ids += u64::from(long(&r.id) || long(&r.user) || long(&r.product));
+        b.future += u64::from(t > future_from);
+        if (window_from..=at_ms).contains(&t) {
+            window_rows += 1;
+            if let (Some(u), Some(i), Some(k)) = (&r.user, &r.product, &r.kind) {
+                *seen
+                    .entry((u.clone(), i.clone(), k.clone(), t))
+                    .or_default() += 1;
+            }
+            if let (Some(c), Some(i)) = (catalog, &r.product)
+                && !c.contains(i)
+            {
+                unknown.unknown += 1;
+                if unknown_set.insert(i.clone()) {
+                    unknown.example.get_or_insert_with(|| i.clone());
+                }
+            }
+        }
+    }
+    p.buckets = buckets
+        .into_iter()
+        .map(|((hour, event_type), b)| Bucket {
+            hour,
+            event_type,
+            ..b
+        })
+        .collect();
+    p.duplicates = Some((seen.values().map(|n| n - 1).sum(), window_rows));
+    if catalog.is_some() {
+        unknown.rows = window_rows;
+        unknown.products = unknown_set.len() as u64;
+        p.unknown_products = Some(unknown);
+    }
+    Ok(p)
+}
