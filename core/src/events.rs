@@ -416,6 +416,11 @@ impl PostgresEvents {
         Self { pool }
     }
 
+    /// The pool, for queries over the whole table (the data-quality profile).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// Inserts events in one statement; an event id already stored is skipped (idempotent
     /// re-ingestion). Returns how many rows were new.
     pub async fn insert(&self, rows: &[EventRow]) -> Result<u64, EventsError> {

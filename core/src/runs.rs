@@ -49,6 +49,10 @@ pub struct RunSummary {
     /// ModelDeployment is decided on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comparison: Option<Comparison>,
+    /// What the run's data-quality checks found (the `data-quality` job, and the input checks
+    /// of `cf-train` and the feature jobs): the operator exports it as metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<crate::quality::QualitySummary>,
 }
 
 /// A new version's offline metric against an earlier version's, both from their manifests
@@ -111,6 +115,13 @@ impl RunSummary {
         }
         if json(&s).len() > MAX_BYTES {
             s.metrics.clear();
+        }
+        while json(&s).len() > MAX_BYTES
+            && s.quality.as_ref().is_some_and(|q| !q.violations.is_empty())
+        {
+            if let Some(q) = &mut s.quality {
+                q.violations.pop();
+            }
         }
         if json(&s).len() > MAX_BYTES {
             s.message = None;

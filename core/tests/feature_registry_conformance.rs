@@ -64,6 +64,7 @@ fn spec(name: &str, version: &str) -> FeatureSpec {
             ks: Some(0.1),
             jensen_shannon: None,
         }),
+        on_quality_failure: None,
         deprecation: None,
     }
 }

@@ -339,6 +339,38 @@ pub struct JobRun {
     /// What became of the registered version (`spec.cfTrain.handOffTo`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hand_off: Option<HandOff>,
+    /// What the run's data-quality checks found: the `data-quality` job's, and the checks
+    /// `cf-train` and the feature jobs run on their input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_quality: Option<DataQualityRun>,
+}
+
+/// The data-quality checks of one run.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DataQualityRun {
+    /// The run's id in the `data_quality_results` table (one row per check).
+    pub run_id: String,
+    /// Whether every blocking check passed.
+    pub passed: bool,
+    /// The checks that failed (blocking) or warned, at most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub violations: Vec<CheckViolation>,
+}
+
+/// A data-quality check that failed or warned.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckViolation {
+    /// The check, for example `freshness` or `volume.purchase`.
+    pub check: String,
+    /// Its family: `schema`, `freshness`, `completeness`, `validity`, `volume` or `drift`.
+    pub check_type: String,
+    /// What it checked: `events`, an events file, or `feature:<name>@v<major>`.
+    pub target: String,
+    /// Whether it held the gate (a warning does not).
+    pub blocking: bool,
 }
 
 /// How a run ended.

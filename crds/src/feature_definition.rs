@@ -114,9 +114,26 @@ pub struct FeatureDefinitionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftThresholds>,
 
+    /// What a feature job does with this feature when its input events fail a blocking
+    /// data-quality check, or its new values drift past `drift`: `block` (the default: the
+    /// values already served stay, the run fails with the gate's exit code 3) or `warn`
+    /// (publish the new values and report the failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_quality_failure: Option<QualityPolicy>,
+
     /// Set when the feature is being retired.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deprecation: Option<Deprecation>,
+}
+
+/// What a feature job does with a feature whose input or values fail their checks.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum QualityPolicy {
+    /// Keep the values already served; the run fails.
+    Block,
+    /// Publish the new values and report the failure as a warning.
+    Warn,
 }
 
 fn default_true() -> bool {

@@ -100,6 +100,35 @@ pub struct ExecutionLabels {
     pub status: &'static str,
 }
 
+/// Labels of `data_quality_checks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QualityCheckLabels {
+    /// `schema`, `freshness`, `completeness`, `validity`, `volume` or `drift`.
+    pub check_type: &'static str,
+    /// `pass`, `warn`, `fail` or `skipped`.
+    pub status: &'static str,
+}
+
+/// Labels of `data_quality_violations_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QualityTypeLabels {
+    /// The check type.
+    pub check_type: &'static str,
+}
+
+/// Labels of `data_quality_failing_checks`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QualityLatestLabels {
+    /// Namespace of the BatchJob.
+    pub namespace: String,
+    /// The BatchJob.
+    pub job_name: String,
+    /// The check type.
+    pub check_type: &'static str,
+    /// `fail` (blocking) or `warn`.
+    pub verdict: &'static str,
+}
+
 /// Labels of `batch_job_failures_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
@@ -143,6 +172,21 @@ pub struct Metrics {
     pub batch_last_success: Family<BatchJobLabels, Gauge<f64, AtomicU64>>,
     /// Scheduled runs held by `after` (`batch_job_held_runs_total`).
     pub batch_held: Family<BatchJobLabels, Counter>,
+    /// Data-quality checks run, by type and verdict (`data_quality_checks_total`).
+    pub quality_checks: Family<QualityCheckLabels, Counter>,
+    /// Checks that failed or warned, by type (`data_quality_violations_total`).
+    pub quality_violations: Family<QualityTypeLabels, Counter>,
+    /// Checks failing or warning in each BatchJob's latest run with checks
+    /// (`data_quality_failing_checks`).
+    pub quality_failing: Family<QualityLatestLabels, Gauge<i64, AtomicI64>>,
+    /// Seconds between the newest event and the latest freshness check
+    /// (`data_quality_event_age_seconds`).
+    pub quality_event_age: Family<BatchJobLabels, Gauge<f64, AtomicU64>>,
+    /// When each BatchJob's latest run with checks finished, Unix seconds
+    /// (`data_quality_last_run_timestamp_seconds`).
+    pub quality_last_run: Family<BatchJobLabels, Gauge<f64, AtomicU64>>,
+    /// Runs whose data-quality gate held (`data_quality_gate_holds_total`).
+    pub quality_gate_holds: Family<BatchJobLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -239,7 +283,49 @@ impl Default for Metrics {
             "Scheduled BatchJob runs held because an upstream (spec.after) had not succeeded",
             batch_held.clone(),
         );
+        let quality_checks = Family::<QualityCheckLabels, Counter>::default();
+        registry.register(
+            "data_quality_checks",
+            "Data-quality checks run by BatchJobs, by check type and verdict (status)",
+            quality_checks.clone(),
+        );
+        let quality_violations = Family::<QualityTypeLabels, Counter>::default();
+        registry.register(
+            "data_quality_violations",
+            "Data-quality checks that failed or warned, by check type",
+            quality_violations.clone(),
+        );
+        let quality_failing = Family::<QualityLatestLabels, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "data_quality_failing_checks",
+            "Checks failing (verdict fail, blocking) or warning in the latest run with checks of each BatchJob",
+            quality_failing.clone(),
+        );
+        let quality_event_age = Family::<BatchJobLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "data_quality_event_age_seconds",
+            "Age of the newest event when the latest freshness check of each BatchJob ran",
+            quality_event_age.clone(),
+        );
+        let quality_last_run = Family::<BatchJobLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "data_quality_last_run_timestamp_seconds",
+            "When the latest run with data-quality checks of each BatchJob finished, Unix seconds",
+            quality_last_run.clone(),
+        );
+        let quality_gate_holds = Family::<BatchJobLabels, Counter>::default();
+        registry.register(
+            "data_quality_gate_holds",
+            "BatchJob runs whose data-quality gate held: nothing was published (exit code 3)",
+            quality_gate_holds.clone(),
+        );
         Self {
+            quality_checks,
+            quality_violations,
+            quality_failing,
+            quality_event_age,
+            quality_last_run,
+            quality_gate_holds,
             registry,
             deployments,
             analysis_checks,
@@ -283,6 +369,73 @@ impl Metrics {
         self.registry_operations
             .get_or_create(&RegistryLabels { operation, outcome })
             .inc();
+    }
+
+    /// Records what a finished run's data-quality checks found (its summary's counts; nothing
+    /// when it ran none): the
+    /// trainer is a short-lived Pod that Prometheus would rarely catch alive, so the operator,
+    /// which reads every run's summary anyway and is scraped all the time, exports them.
+    pub fn data_quality(
+        &self,
+        namespace: &str,
+        job_name: &str,
+        run: &recsys_crds::batch_job::JobRun,
+        summary: &recsys_core::runs::RunSummary,
+    ) {
+        use recsys_core::quality::{CheckType, GATE_KIND, Verdict};
+        let Some(q) = &summary.quality else {
+            return;
+        };
+        let job = BatchJobLabels {
+            namespace: namespace.to_owned(),
+            job_name: job_name.to_owned(),
+        };
+        for t in CheckType::ALL {
+            let counts = q.checks.get(t.as_str());
+            for v in Verdict::ALL {
+                let n = counts.and_then(|c| c.get(v.as_str())).copied().unwrap_or(0);
+                if n > 0 {
+                    self.quality_checks
+                        .get_or_create(&QualityCheckLabels {
+                            check_type: t.as_str(),
+                            status: v.as_str(),
+                        })
+                        .inc_by(n);
+                }
+            }
+            let violations: u64 = [Verdict::Warn, Verdict::Fail]
+                .iter()
+                .map(|v| counts.and_then(|c| c.get(v.as_str())).copied().unwrap_or(0))
+                .sum();
+            // Created at zero too, so that rate() and absent() see every type.
+            self.quality_violations
+                .get_or_create(&QualityTypeLabels {
+                    check_type: t.as_str(),
+                })
+                .inc_by(violations);
+            for v in [Verdict::Fail, Verdict::Warn] {
+                let n = counts.and_then(|c| c.get(v.as_str())).copied().unwrap_or(0);
+                self.quality_failing
+                    .get_or_create(&QualityLatestLabels {
+                        namespace: job.namespace.clone(),
+                        job_name: job.job_name.clone(),
+                        check_type: t.as_str(),
+                        verdict: v.as_str(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        if let Some(age) = q.event_age_seconds {
+            self.quality_event_age.get_or_create(&job).set(age);
+        }
+        if let Some(end) = &run.finished_at {
+            self.quality_last_run
+                .get_or_create(&job)
+                .set(end.0.as_millisecond() as f64 / 1000.0);
+        }
+        if summary.error_kind.as_deref() == Some(GATE_KIND) {
+            self.quality_gate_holds.get_or_create(&job).inc();
+        }
     }
 
     /// Records a finished run of BatchJob `namespace/job_name`: its outcome, duration, failure

@@ -20,7 +20,7 @@ use recsys_core::stores::{self, PostgresArgs, S3Args, StoreError};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sprs::CsMat;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Why a CF job failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,17 @@ pub enum CfError {
         /// The error.
         source: std::io::Error,
     },
+    /// The input checks could not run.
+    #[error("input checks: {0}")]
+    Quality(Box<crate::quality::QualityJobError>),
+    /// The input failed a blocking data-quality check: nothing was trained or published.
+    #[error(
+        "data-quality gate: the input failed {} blocking check(s), no model was trained or published: {} (run {})",
+        .0.failures().count(),
+        .0.describe_failures(),
+        .0.run_id
+    )]
+    Gate(Box<recsys_core::quality::QualityReport>),
 }
 
 impl CfError {
@@ -69,12 +80,16 @@ impl CfError {
             Self::Store(e) => e.kind(),
             Self::Artifacts(e) => e.kind(),
             Self::Report { .. } => "Report",
+            Self::Quality(e) => e.kind(),
+            Self::Gate(_) => crate::quality::GATE_KIND,
         }
     }
 
     /// Whether a retry can help.
     pub fn retryable(&self) -> bool {
         match self {
+            Self::Quality(e) => e.retryable(),
+            Self::Gate(_) => false,
             Self::Events(e) => e.retryable(),
             Self::Store(_) | Self::Report { .. } => true,
             Self::Artifacts(e) => e.retryable(),
@@ -294,6 +309,14 @@ pub struct TrainArgs {
     /// Write the run report (JSON) here, for the batch-job layer.
     #[arg(long, env = "RECSYS_REPORT_FILE")]
     pub report: Option<PathBuf>,
+    /// Thresholds of the checks run on the input before training: a failing blocking check
+    /// stops the run (exit code 3) before anything is trained or published.
+    #[command(flatten)]
+    pub checks: recsys_core::quality::QualityArgs,
+    /// Train without checking the input first (an escape hatch for a known, accepted
+    /// anomaly; the report then has no `inputChecks`).
+    #[arg(long, env = "RECSYS_SKIP_INPUT_CHECKS")]
+    pub skip_input_checks: bool,
 }
 
 /// Options of `evaluate`.
@@ -426,6 +449,63 @@ async fn read_events(src: &SourceArgs) -> Result<Vec<interactions::Event>, CfErr
     }
 }
 
+/// Runs the data-quality checks on the training input (judged at `--to`, or now; a file at its
+/// newest event) and holds the gate when a blocking check fails.
+async fn check_input(args: &TrainArgs) -> Result<recsys_core::quality::QualityReport, CfError> {
+    use crate::quality::{self, Input};
+    let quality_err = |e| CfError::Quality(Box::new(e));
+    let src = &args.source;
+    let report = match (&src.events, &src.database_url) {
+        (Some(path), _) => quality::check(
+            "cf-train",
+            Input::File(path, src.format),
+            None,
+            &args.checks,
+            None,
+            None,
+        )
+        .await
+        .map_err(quality_err)?,
+        (None, Some(url)) => {
+            let at = src
+                .to
+                .as_deref()
+                .map(|t| {
+                    chrono::DateTime::parse_from_rfc3339(t)
+                        .map(|d| d.timestamp_millis())
+                        .map_err(|e| usage("--to", format!("{t:?} is not RFC 3339: {e}")))
+                })
+                .transpose()?;
+            let pool = stores::postgres(&PostgresArgs {
+                url: url.clone(),
+                max_connections: 2,
+            })
+            .await?;
+            events::migrate(&pool).await?;
+            quality::check(
+                "cf-train",
+                Input::Table(&pool),
+                at,
+                &args.checks,
+                None,
+                None,
+            )
+            .await
+            .map_err(quality_err)?
+        }
+        (None, None) => {
+            return Err(usage(
+                "--events",
+                "give an events file, or --database-url (RECSYS_DATABASE_URL) for the events table",
+            ));
+        }
+    };
+    if !report.passed {
+        return Err(CfError::Gate(Box::new(report)));
+    }
+    Ok(report)
+}
+
 /// Opens the artifact store named by `--store`; a misconfiguration is a usage error (exit 2).
 pub async fn open_store(args: &StoreArgs) -> Result<Arc<dyn ArtifactStore>, CfError> {
     stores::artifact_store(&args.store, &args.s3)
@@ -467,6 +547,9 @@ pub struct Report {
     pub search: Option<SearchResult>,
     /// Against `--compare-to`, when given.
     pub comparison: Option<Comparison>,
+    /// The checks run on the input before training.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_checks: Option<recsys_core::quality::QualityReport>,
 }
 
 fn digest(x: &Interactions) -> String {
@@ -527,6 +610,12 @@ pub async fn train(args: &TrainArgs) -> Result<Report, CfError> {
     let registry = Registry::new(store);
     recsys_core::artifacts::validate_model_name(&args.model_name)?;
 
+    let input_checks = if args.skip_input_checks {
+        warn!("input checks skipped (--skip-input-checks)");
+        None
+    } else {
+        Some(check_input(args).await?)
+    };
     let start = Instant::now();
     let events = read_events(&args.source).await?;
     let x = interactions::aggregate(events, &args.prep.aggregate_options()?)?;
@@ -675,6 +764,7 @@ pub async fn train(args: &TrainArgs) -> Result<Report, CfError> {
         baseline,
         search,
         comparison,
+        input_checks,
     };
     if let Some(path) = &args.report {
         let body = serde_json::to_vec_pretty(&report).unwrap_or_default();

@@ -58,7 +58,7 @@ use recsys_core::features::online::{
 };
 use recsys_core::features::rankings::{self, DEFAULT_TOP_N, Rankings, RankingsError, WriteOutcome};
 use recsys_core::features::registry::{
-    FeatureRegistry, InProcessFeatureRegistry, Lifecycle, PostgresFeatureRegistry,
+    FeatureRegistry, InProcessFeatureRegistry, Lifecycle, PostgresFeatureRegistry, QualityPolicy,
     RegisteredFeature, RegistryError, VersionSelector, parse_duration_ms,
 };
 use recsys_core::features::{
@@ -113,6 +113,24 @@ pub enum FeatureJobError {
         /// The error.
         source: std::io::Error,
     },
+    /// The input checks or drift checks could not run.
+    #[error("data-quality checks: {0}")]
+    Quality(Box<crate::quality::QualityJobError>),
+    /// A version's input or values failed a blocking check and its policy is `block`: its
+    /// values were not published (other versions may have been).
+    #[error(
+        "data-quality gate: {} blocking check(s) failed, the values already served were kept: {} (run {})",
+        .0.failures().count(),
+        .0.describe_failures(),
+        .0.run_id
+    )]
+    Gate(Box<recsys_core::quality::QualityReport>),
+}
+
+impl From<recsys_core::quality::DriftError> for FeatureJobError {
+    fn from(e: recsys_core::quality::DriftError) -> Self {
+        Self::Quality(Box::new(e.into()))
+    }
 }
 
 impl FeatureJobError {
@@ -129,13 +147,16 @@ impl FeatureJobError {
             Self::ArtifactStore(e) => e.kind(),
             Self::Rankings(e) => e.kind(),
             Self::Report { .. } => "Report",
+            Self::Quality(e) => e.kind(),
+            Self::Gate(_) => crate::quality::GATE_KIND,
         }
     }
 
     /// Whether a retry can help.
     pub fn retryable(&self) -> bool {
         match self {
-            Self::Usage { .. } | Self::Definition(_) => false,
+            Self::Usage { .. } | Self::Definition(_) | Self::Gate(_) => false,
+            Self::Quality(e) => e.retryable(),
             Self::Events(e) => e.retryable(),
             Self::Store(_) | Self::Report { .. } => true,
             Self::Registry(e) => e.retryable(),
@@ -217,6 +238,15 @@ pub struct MaterializeArgs {
         value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize)
     )]
     pub rankings_top_n: usize,
+    /// Thresholds of the checks run on the input events before computing, and of the drift
+    /// checks of the new values (for definitions with `drift`). A version whose input or values
+    /// fail a blocking check is not published unless its `onQualityFailure` is `warn`.
+    #[command(flatten)]
+    pub checks: recsys_core::quality::QualityArgs,
+    /// Compute and publish without checking the input first (an escape hatch for a known,
+    /// accepted anomaly; drift checks still run).
+    #[arg(long, env = "RECSYS_SKIP_INPUT_CHECKS")]
+    pub skip_input_checks: bool,
 }
 
 /// Options of `backfill`.
@@ -392,6 +422,9 @@ pub struct VersionReport {
     pub computations: u64,
     /// The rankings written (`popularity` only).
     pub rankings: Option<RankingsReport>,
+    /// Why the values were not published (a data-quality gate held), when they were not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<String>,
 }
 
 /// What a `popularity` run did with the rankings of one feature version.
@@ -432,6 +465,7 @@ impl VersionReport {
             online_expired: None,
             computations: points as u64,
             rankings: None,
+            held: None,
         }
     }
 }
@@ -450,6 +484,9 @@ pub struct JobReport {
     pub versions: Vec<VersionReport>,
     /// Wall time.
     pub seconds: f64,
+    /// The data-quality checks of the run: the input events', then each version's drift.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_checks: Option<recsys_core::quality::QualityReport>,
 }
 
 fn parse_time(option: &'static str, s: &str) -> Result<DateTime<Utc>, FeatureJobError> {
@@ -698,6 +735,29 @@ pub async fn materialize(
         ),
         Computation::Freshness | Computation::CategoryAffinity => None,
     };
+    let mut checks = if args.skip_input_checks {
+        warn!("input checks skipped (--skip-input-checks)");
+        None
+    } else {
+        let input = match (&args.store.events, &stores.events) {
+            (Some(path), _) => crate::quality::Input::File(path, args.store.format),
+            (None, Some(events)) => crate::quality::Input::Table(events.pool()),
+            (None, None) => {
+                return Err(usage(
+                    "--events",
+                    "give an events file, or --database-url (RECSYS_DATABASE_URL) for the events table",
+                ));
+            }
+        };
+        // A file is a snapshot, judged at its newest event; the table at `at`.
+        let at = matches!(input, crate::quality::Input::Table(_)).then_some(at_ms);
+        Some(
+            crate::quality::check(computation.job(), input, at, &args.checks, None, None)
+                .await
+                .map_err(|e| FeatureJobError::Quality(Box::new(e)))?,
+        )
+    };
+    let input_failed = checks.as_ref().is_some_and(|c| !c.passed);
     let data = read_events(
         &args.store,
         &stores,
@@ -714,10 +774,55 @@ pub async fn materialize(
         .unwrap_or_default();
     let mut versions = vec![];
     let mut rankings_failure = None;
+    let mut held = false;
     for p in &plans {
         let values = compute::compute(p.computation, data.inputs(at_ms), &p.params);
         let feature = p.feature.feature_ref();
         let mut report = VersionReport::new(&p.feature, &p.params, 1, values.len() as u64);
+        let policy = p.feature.spec.on_quality_failure.unwrap_or_default();
+        let blocks = policy == QualityPolicy::Block;
+        let mut problems = vec![];
+        if input_failed && let Some(c) = &checks {
+            problems.push(format!("input: {}", c.describe_failures()));
+        }
+        // Drift of the new values against the feature's earlier materializations.
+        if let Some(thresholds) = &p.feature.spec.drift {
+            let reference = recsys_core::quality::drift::reference(
+                stores.registry.as_ref(),
+                stores.offline.as_ref(),
+                &feature,
+                p.computation.entity(),
+                at_ms,
+                args.checks.drift_reference.ms,
+            )
+            .await?;
+            let current = recsys_core::quality::drift::Sample::of(values.iter().map(|(_, v)| v));
+            let results = recsys_core::quality::drift::judge(
+                &recsys_core::quality::drift::target(&feature),
+                thresholds,
+                &reference,
+                &current,
+                blocks,
+            );
+            for r in results.iter().filter(|r| r.verdict.is_violation()) {
+                problems.push(r.describe());
+            }
+            checks
+                .get_or_insert_with(|| {
+                    recsys_core::quality::QualityReport::new(computation.job(), at_ms, vec![], 0.0)
+                })
+                .add(results);
+        }
+        if !problems.is_empty() {
+            if blocks {
+                warn!(feature = %feature, problems = %problems.join("; "), "data-quality gate: values not published, the values already served are kept");
+                report.held = Some(problems.join("; "));
+                held = true;
+                versions.push(report);
+                continue;
+            }
+            warn!(feature = %feature, problems = %problems.join("; "), "data-quality checks failed; publishing anyway (onQualityFailure: warn)");
+        }
         if p.feature.spec.offline {
             let s = stores
                 .offline
@@ -774,17 +879,27 @@ pub async fn materialize(
         }
         versions.push(report);
     }
+    if let (Some(c), Some(events)) = (&checks, &stores.events) {
+        // Again with the drift results (the input's rows are replaced by themselves).
+        recsys_core::quality::results::store(events.pool(), c)
+            .await
+            .map_err(|e| {
+                FeatureJobError::Quality(Box::new(crate::quality::QualityJobError::Results(e)))
+            })?;
+    }
     let report = JobReport {
         job: computation.job().to_owned(),
         at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         events: data.events.len(),
         versions,
         seconds: started.elapsed().as_secs_f64(),
+        input_checks: checks.clone(),
     };
     emit(&report, args.report.as_ref())?;
-    match rankings_failure {
-        Some(e) => Err(e.into()),
-        None => Ok(report),
+    match (rankings_failure, checks) {
+        (Some(e), _) => Err(e.into()),
+        (None, Some(c)) if held => Err(FeatureJobError::Gate(Box::new(c))),
+        _ => Ok(report),
     }
 }
 
@@ -969,6 +1084,7 @@ pub async fn backfill(args: &BackfillArgs) -> Result<JobReport, FeatureJobError>
         events: data.events.len(),
         versions,
         seconds: started.elapsed().as_secs_f64(),
+        input_checks: None,
     };
     emit(&report, args.report.as_ref())?;
     Ok(report)
@@ -1040,6 +1156,7 @@ async fn copy_versions(
         events: 0,
         versions,
         seconds: started.elapsed().as_secs_f64(),
+        input_checks: None,
     };
     emit(&report, args.report.as_ref())?;
     Ok(report)

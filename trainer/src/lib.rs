@@ -4,10 +4,13 @@
 //! 2 a failure retrying cannot fix (bad data, bad options). The operator's pod failure policy
 //! stops a run at once on 2.
 //!
+//! Exit code 3 means a data-quality gate held: a blocking check failed on the job's input,
+//! and nothing was published ([`quality`]).
+//!
 //! Implemented: `cf-train` and `evaluate` ([`cf`]); `popularity`, `freshness`,
-//! `category-affinity` and `backfill` ([`features`]). `index-rebuild` and `data-quality`
-//! exist in the command line the operator calls and fail with exit code 2 saying they are not
-//! available yet.
+//! `category-affinity` and `backfill` ([`features`]); `data-quality` ([`quality`]).
+//! `index-rebuild` exists in the command line the operator calls and fails with exit code 2
+//! saying it is not available yet.
 //!
 //! When `RECSYS_TERMINATION_MESSAGE_PATH` names a file (the operator sets the container's
 //! termination message path), a run ends by writing its [`RunSummary`] there: outcome, figures
@@ -16,6 +19,7 @@
 pub mod cf;
 pub mod contract;
 pub mod features;
+pub mod quality;
 
 use std::collections::BTreeMap;
 
@@ -56,8 +60,8 @@ pub enum Job {
     CfTrain(cf::TrainArgs),
     /// Recompute features over a date range (offline), or copy a major version into a new one.
     Backfill(features::BackfillArgs),
-    /// Check events and features: schema, freshness, completeness, volume, drift.
-    DataQuality(PassThrough),
+    /// Check events and features: schema, freshness, completeness, validity, volume, drift.
+    DataQuality(quality::DataQualityArgs),
     /// Evaluate a registered model, or train and evaluate on given train and test files.
     Evaluate(cf::EvaluateArgs),
 }
@@ -98,6 +102,9 @@ pub enum JobError {
     /// A feature job failed.
     #[error(transparent)]
     Features(#[from] features::FeatureJobError),
+    /// The data-quality job failed, or its gate held.
+    #[error(transparent)]
+    Quality(#[from] quality::QualityJobError),
 }
 
 impl JobError {
@@ -107,15 +114,30 @@ impl JobError {
             Self::NotAvailable(_) => "NotAvailable",
             Self::Cf(e) => e.kind(),
             Self::Features(e) => e.kind(),
+            Self::Quality(e) => e.kind(),
+        }
+    }
+
+    /// The data-quality report of a gate that held, whichever job ran the checks.
+    pub fn gate_report(&self) -> Option<&recsys_core::quality::QualityReport> {
+        match self {
+            Self::Quality(quality::QualityJobError::Gate(r))
+            | Self::Cf(cf::CfError::Gate(r))
+            | Self::Features(features::FeatureJobError::Gate(r)) => Some(r),
+            _ => None,
         }
     }
 
     /// The process exit code: whether a retry can help.
     pub fn exit_code(&self) -> i32 {
+        if self.gate_report().is_some() {
+            return recsys_core::exit::GATE_FAILED;
+        }
         let retryable = match self {
             Self::NotAvailable(_) => false,
             Self::Cf(e) => e.retryable(),
             Self::Features(e) => e.retryable(),
+            Self::Quality(e) => e.retryable(),
         };
         if retryable {
             recsys_core::exit::RETRYABLE
@@ -149,6 +171,7 @@ impl From<&cf::Report> for RunSummary {
             version: r.version.clone(),
             metrics,
             comparison: r.comparison.clone(),
+            quality: r.input_checks.as_ref().map(|q| q.summary()),
             ..Default::default()
         }
     }
@@ -162,6 +185,7 @@ impl From<&features::JobReport> for RunSummary {
             seconds: r.seconds,
             events: Some(r.events as u64),
             rows: Some(r.versions.iter().map(|v| v.values).sum()),
+            quality: r.input_checks.as_ref().map(|q| q.summary()),
             ..Default::default()
         }
     }
@@ -189,6 +213,16 @@ pub async fn run(job: &Job) -> Result<RunSummary, JobError> {
             (&features::materialize(Computation::CategoryAffinity, args).await?).into()
         }
         Job::Backfill(args) => (&features::backfill(args).await?).into(),
+        Job::DataQuality(args) => {
+            let report = quality::data_quality(args).await?;
+            RunSummary {
+                job: job.name().into(),
+                succeeded: true,
+                seconds: report.seconds,
+                quality: Some(report.summary()),
+                ..Default::default()
+            }
+        }
         other => return Err(JobError::NotAvailable(other.name())),
     })
 }
@@ -201,6 +235,7 @@ pub fn failure_summary(job: &Job, error: &JobError, seconds: f64) -> RunSummary 
         error_kind: Some(error.kind().into()),
         message: Some(error.to_string()),
         seconds,
+        quality: error.gate_report().map(|r| r.summary()),
         ..Default::default()
     }
 }

@@ -272,10 +272,26 @@ pub struct FeatureSpec {
     /// Drift thresholds of the data-quality job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftThresholds>,
+    /// What a feature job does with this version when its input fails a blocking data-quality
+    /// check or its new values drift past `drift`: `block` (the default: keep the values
+    /// already served) or `warn` (publish and warn).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_quality_failure: Option<QualityPolicy>,
     /// Set when the version is being retired. Lifecycle, not content: it may be added to a
     /// registered version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deprecation: Option<Deprecation>,
+}
+
+/// What a feature job does with a feature whose input or values fail their checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum QualityPolicy {
+    /// Keep the values already served; the job fails with the gate's exit code.
+    #[default]
+    Block,
+    /// Publish the new values and report the failure as a warning.
+    Warn,
 }
 
 /// How a feature is computed.
@@ -1026,6 +1042,7 @@ mod tests {
                 ks: None,
                 jensen_shannon: None,
             }),
+            on_quality_failure: None,
             deprecation: None,
         }
     }

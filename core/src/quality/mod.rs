@@ -33,6 +33,10 @@ pub use profile::{Bucket, Column, EventProfile};
 
 use crate::features::registry::parse_duration_ms;
 
+/// The error kind of a run whose data-quality gate held (exit code
+/// [`crate::exit::GATE_FAILED`]), in run summaries and BatchJob history.
+pub const GATE_KIND: &str = "DataQualityGate";
+
 /// Longest user, product or event id, in bytes, that the checks accept by default.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -789,6 +793,12 @@ impl QualityReport {
             passed,
             seconds,
         }
+    }
+
+    /// Adds results judged later (a feature job's drift checks of its new values).
+    pub fn add(&mut self, results: Vec<CheckResult>) {
+        self.passed &= !results.iter().any(|r| r.verdict == Verdict::Fail);
+        self.results.extend(results);
     }
 
     /// The blocking checks that failed.

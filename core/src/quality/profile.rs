@@ -240,6 +240,15 @@ pub async fn postgres(
             future: future as u64,
         });
     }
+    if p.newest_ms.is_none() {
+        // Nothing in the history window: the newest event is older (one index lookup).
+        let newest: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT max(occurred_at) FROM events WHERE occurred_at <= $1")
+                .bind(future_from)
+                .fetch_one(pool)
+                .await?;
+        p.newest_ms = newest.map(|t| t.timestamp_millis());
+    }
     p.missing_time =
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE occurred_at IS NULL")
             .fetch_one(pool)
@@ -361,20 +370,19 @@ fn raw_json(line: &str) -> Result<RawEvent, String> {
     })
 }
 
-/// Profiles an events file at `at_ms`. JSON lines are read leniently (the checks count what
+/// Profiles an events file at `at_ms`, or at its newest event when `None` (a snapshot).
+/// JSON lines are read leniently (the checks count what
 /// is wrong); other formats through their strict readers, a parse error counting as the file's
 /// schema failure.
 pub fn file(
     path: &Path,
     format: FileFormat,
-    at_ms: i64,
+    at_ms: Option<i64>,
     args: &QualityArgs,
     catalog: Option<&HashSet<String>>,
 ) -> Result<EventProfile, ProfileError> {
     let mut p = EventProfile {
         target: path.display().to_string(),
-        at_ms,
-        history_from_ms: at_ms - args.history_ms(),
         ..Default::default()
     };
     let jsonl = match format {
@@ -435,6 +443,11 @@ pub fn file(
             Err(e) => return Err(e.into()),
         }
     }
+    let at_ms = at_ms
+        .or_else(|| raws.iter().filter_map(|r| r.ts_ms).max())
+        .unwrap_or_else(|| Utc::now().timestamp_millis());
+    p.at_ms = at_ms;
+    p.history_from_ms = at_ms - args.history_ms();
     let future_from = at_ms + args.future_skew.ms;
     let window_from = at_ms - args.window.ms;
     let mut buckets: BTreeMap<(Option<i64>, Option<String>), Bucket> = BTreeMap::new();
@@ -448,11 +461,11 @@ pub fn file(
             p.missing_time += 1;
             continue;
         };
-        if t < p.history_from_ms {
-            continue;
-        }
         if t <= future_from {
             p.newest_ms = p.newest_ms.max(Some(t));
+        }
+        if t < p.history_from_ms {
+            continue;
         }
         let b = buckets
             .entry((Some(t.div_euclid(HOUR_MS)), r.kind.clone()))

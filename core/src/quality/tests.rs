@@ -272,7 +272,7 @@ fn an_events_file_is_profiled_leniently() {
     let p = profile::file(
         &path,
         crate::events::FileFormat::Auto,
-        AT,
+        Some(AT),
         &QualityArgs::default(),
         Some(&catalog),
     )

@@ -20,8 +20,8 @@ use recsys_trainer::contract::{self, ContractError, RunOptions};
 
 use super::plan::RunRequest;
 use super::{
-    CONSUMED_ANNOTATION, CONTAINER, EXIT_NOT_RETRYABLE, JOB_LABEL, TRIGGER_ANNOTATION,
-    TrainerSettings,
+    CONSUMED_ANNOTATION, CONTAINER, EXIT_GATE_FAILED, EXIT_NOT_RETRYABLE, JOB_LABEL,
+    TRIGGER_ANNOTATION, TrainerSettings,
 };
 use crate::controller::FIELD_MANAGER;
 
@@ -141,7 +141,7 @@ pub fn job_spec(bj: &BatchJob, settings: &TrainerSettings, args: Vec<String>) ->
                     on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
                         container_name: Some(CONTAINER.into()),
                         operator: "In".into(),
-                        values: vec![EXIT_NOT_RETRYABLE],
+                        values: vec![EXIT_NOT_RETRYABLE, EXIT_GATE_FAILED],
                     }),
                     on_pod_conditions: None,
                 },

@@ -15,7 +15,7 @@
 //!
 //! Retries use the Job controller: `backoffLimit = maxAttempts − 1` with its exponential
 //! backoff, and a pod failure policy that fails the run at once when the trainer exits with
-//! [`EXIT_NOT_RETRYABLE`].
+//! [`EXIT_NOT_RETRYABLE`] or [`EXIT_GATE_FAILED`].
 
 pub mod build;
 pub mod handoff;
@@ -61,6 +61,9 @@ pub const CONSUMED_ANNOTATION: &str = "recsys.io/consumed";
 pub const HAND_OFF_ANNOTATION: &str = "recsys.io/hand-off";
 /// Trainer exit code meaning "retrying cannot help" (bad input, invalid configuration).
 pub const EXIT_NOT_RETRYABLE: i32 = recsys_core::exit::NOT_RETRYABLE;
+/// Trainer exit code meaning "a data-quality gate held": the input failed a blocking check and
+/// nothing was published. Not retried: the same data fails the same way.
+pub const EXIT_GATE_FAILED: i32 = recsys_core::exit::GATE_FAILED;
 /// Name of the trainer container.
 pub const CONTAINER: &str = "trainer";
 
@@ -323,6 +326,9 @@ pub async fn reconcile(bj: Arc<BatchJob>, ctx: Arc<Context>) -> Result<Action, E
         };
         ctx.reported_runs.add(&ns, &name, &finished.job_name);
         ctx.metrics.batch_run(&ns, &name, finished);
+        if let Some(summary) = &run.summary {
+            ctx.metrics.data_quality(&ns, &name, finished, summary);
+        }
         let (type_, reason) = match finished.outcome {
             RunOutcome::Succeeded => (EventType::Normal, "RunSucceeded"),
             RunOutcome::Failed => (EventType::Warning, "RunFailed"),

@@ -9,8 +9,11 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
+use recsys_core::quality::GATE_KIND;
 use recsys_core::runs::RunSummary;
-use recsys_crds::batch_job::{ConsumedRun, HandOff, JobRun, RunOutcome, RunTrigger};
+use recsys_crds::batch_job::{
+    CheckViolation, ConsumedRun, DataQualityRun, HandOff, JobRun, RunOutcome, RunTrigger,
+};
 
 use super::{CONSUMED_ANNOTATION, CONTAINER, HAND_OFF_ANNOTATION, TRIGGER_ANNOTATION};
 
@@ -139,9 +142,18 @@ fn finished_run(
                 c.reason.as_deref().unwrap_or("Failed"),
                 c.message.as_deref().unwrap_or_default()
             );
-            // The trainer's own words, when it said what went wrong.
-            if let Some(m) = summary.and_then(|s| s.message.as_deref()) {
-                reason = format!("{reason} ({m})");
+            // The trainer's own words, when it said what went wrong; a data-quality gate that
+            // held is named as such, not as the pod failure policy that stopped the Job.
+            match summary {
+                Some(s) if s.error_kind.as_deref() == Some(GATE_KIND) => {
+                    reason = format!("{GATE_KIND}: {}", s.message.as_deref().unwrap_or_default());
+                }
+                Some(s) => {
+                    if let Some(m) = s.message.as_deref() {
+                        reason = format!("{reason} ({m})");
+                    }
+                }
+                None => {}
             }
             (RunOutcome::Failed, reason, c.last_transition_time.clone())
         }
@@ -165,7 +177,28 @@ fn finished_run(
         version: summary.and_then(|s| s.version.clone()),
         consumed: consumed.to_vec(),
         hand_off,
+        data_quality: summary
+            .and_then(|s| s.quality.as_ref())
+            .map(data_quality_run),
     })
+}
+
+fn data_quality_run(q: &recsys_core::quality::QualitySummary) -> DataQualityRun {
+    DataQualityRun {
+        run_id: q.run_id.clone(),
+        passed: q.passed,
+        violations: q
+            .violations
+            .iter()
+            .take(16)
+            .map(|v| CheckViolation {
+                check: v.check.clone(),
+                check_type: v.check_type.as_str().to_owned(),
+                target: v.target.clone(),
+                blocking: v.blocking,
+            })
+            .collect(),
+    }
 }
 
 fn clamp(n: u64) -> i64 {

@@ -87,7 +87,7 @@ fn a_run_is_a_job_with_retries_policy_placement_and_a_locked_down_pod() {
     assert_eq!(rules[0].action, "FailJob");
     assert_eq!(
         rules[0].on_exit_codes.as_ref().map(|e| e.values.clone()),
-        Some(vec![EXIT_NOT_RETRYABLE])
+        Some(vec![EXIT_NOT_RETRYABLE, EXIT_GATE_FAILED])
     );
     let pod = spec.template.spec.expect("pod");
     assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
