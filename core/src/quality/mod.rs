@@ -209,8 +209,8 @@ pub struct QualityArgs {
     #[arg(long, env = "RECSYS_DQ_FUTURE_SKEW", default_value = "5m", value_parser = duration_arg)]
     pub future_skew: DurationArg,
     /// Window of the completeness and validity checks, back from now.
-    #[arg(long = "check-window", env = "RECSYS_DQ_WINDOW", default_value = "24h", value_parser = duration_arg)]
-    pub window: DurationArg,
+    #[arg(long, env = "RECSYS_DQ_CHECK_WINDOW", default_value = "24h", value_parser = duration_arg)]
+    pub check_window: DurationArg,
     /// Weeks of history behind the volume baseline (at least 2 for the weekly season).
     #[arg(long, env = "RECSYS_DQ_VOLUME_WEEKS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=52))]
     pub volume_weeks: u16,
@@ -358,7 +358,7 @@ pub fn evaluate(p: &EventProfile, args: &QualityArgs) -> Vec<CheckResult> {
         return out;
     }
     out.push(freshness(p, args, new("freshness", CheckType::Freshness)));
-    let from_hour = (p.at_ms - args.window.ms).div_euclid(volume::HOUR_MS);
+    let from_hour = (p.at_ms - args.check_window.ms).div_euclid(volume::HOUR_MS);
     let in_window = |b: &&Bucket| b.hour.is_some_and(|h| h >= from_hour);
     // Completeness: the worst hour of the window (an hour of nulls is not averaged away by a
     // day of good events), over hours with enough events to judge a share.

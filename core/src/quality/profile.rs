@@ -253,7 +253,7 @@ pub async fn postgres(
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE occurred_at IS NULL")
             .fetch_one(pool)
             .await? as u64;
-    let (from, to) = (ts(at_ms - args.window.ms), ts(at_ms));
+    let (from, to) = (ts(at_ms - args.check_window.ms), ts(at_ms));
     let (rows, distinct): (i64, i64) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT (user_id, product_id, event_type, occurred_at))
          FROM events WHERE occurred_at >= $1 AND occurred_at <= $2",
@@ -449,7 +449,7 @@ pub fn file(
     p.at_ms = at_ms;
     p.history_from_ms = at_ms - args.history_ms();
     let future_from = at_ms + args.future_skew.ms;
-    let window_from = at_ms - args.window.ms;
+    let window_from = at_ms - args.check_window.ms;
     let mut buckets: BTreeMap<(Option<i64>, Option<String>), Bucket> = BTreeMap::new();
     let mut seen: HashMap<(String, String, String, i64), u64> = HashMap::new();
     let mut window_rows = 0u64;

@@ -310,7 +310,7 @@ fn an_events_file_is_profiled_leniently() {
 fn defaults_and_options_parse() {
     let a = QualityArgs::default();
     assert_eq!(a.freshness_max_age.ms, 300_000);
-    assert_eq!(a.window.ms, 86_400_000);
+    assert_eq!(a.check_window.ms, 86_400_000);
     assert!(!a.blocks("validity.unknown_product", CheckType::Validity));
     assert!(a.blocks("validity.duplicate", CheckType::Validity));
     assert!(fraction("1.5").is_err() && duration_arg("soon").is_err());

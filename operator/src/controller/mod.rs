@@ -560,7 +560,24 @@ pub async fn run_all(
     // Deployment changes, and when its Service's endpoints do: the EndpointSlices (which carry
     // the Service's labels) change after the Deployment's status when pods become ready or
     // not, and the scorer pods they list are what the rollout reads.
-    let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config)
+    // And when a BatchJob's history changes: the latest data-quality verdict on the events
+    // decides whether its rollout may advance.
+    let md_controller = Controller::new(scope.api::<ModelDeployment>(&client), config.clone());
+    let deployments = md_controller.store();
+    let md_controller = md_controller
+        .watches(scope.api::<BatchJob>(&client), config, move |bj| {
+            let ns = bj.namespace();
+            let has_checks = bj
+                .status
+                .as_ref()
+                .is_some_and(|s| s.history.first().is_some_and(|r| r.data_quality.is_some()));
+            deployments
+                .state()
+                .into_iter()
+                .filter(|d| has_checks && d.namespace() == ns)
+                .map(|d| ObjectRef::from_obj(d.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .owns(
             scope.api::<ConfigMap>(&client),
             watcher::Config::default().labels(model_deployment::ROUTING_LABEL),

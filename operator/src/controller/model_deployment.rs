@@ -236,6 +236,8 @@ pub struct Observed {
     pub analysis: Option<AnalysisRun>,
     /// A fresh A/B readout of the candidate, if one was read ([`super::experiment`]).
     pub experiment: Option<ExperimentStatus>,
+    /// Why the model's input fails its data-quality checks, if it does ([`input_quality`]).
+    pub input_quality: Option<String>,
 }
 
 impl From<Fleet> for Observed {
@@ -244,8 +246,41 @@ impl From<Fleet> for Observed {
             fleet,
             analysis: None,
             experiment: None,
+            input_quality: None,
         }
     }
+}
+
+/// Whether the model's input, the events, fails a blocking data-quality check, and which: the
+/// latest finished run with checks among the BatchJobs of `namespace` (a `data-quality` run,
+/// or the input checks of a `cf-train` or feature run) decides. Drift of a feature is not the
+/// model's input and does not hold it. `None` when no run checked the events or the latest
+/// passed.
+pub fn input_quality(namespace: &str, jobs: &[Arc<recsys_crds::BatchJob>]) -> Option<String> {
+    let (bj, run, dq) = jobs
+        .iter()
+        .filter(|j| j.namespace().as_deref() == Some(namespace))
+        .filter_map(|j| {
+            let run = j.status.as_ref()?.history.first()?;
+            Some((j, run, run.data_quality.as_ref()?))
+        })
+        .max_by_key(|(_, run, _)| run.finished_at.as_ref().map(|t| t.0))?;
+    let failing: Vec<String> = dq
+        .violations
+        .iter()
+        .filter(|v| v.blocking && !v.target.starts_with("feature:"))
+        .map(|v| format!("{} on {}", v.check, v.target))
+        .collect();
+    if failing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the model's input fails data-quality checks: {} (BatchJob {} run {}, checks {}); it moves on once a later run passes",
+        failing.join(", "),
+        bj.name_any(),
+        run.job_name,
+        dq.run_id
+    ))
 }
 
 /// The status for `assessment` and what was `observed` of the scorer pods, and when to look
@@ -361,6 +396,7 @@ pub fn desired_status(
                 candidate: fleet.version(model, version),
                 stable: fleet.version(model, &stable),
                 analysis: observed.analysis.clone(),
+                input_quality: observed.input_quality.clone(),
             };
             let progress = rollout::advance(md, &mut status, &evidence, now);
             requeue = progress.requeue;
@@ -752,6 +788,7 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
                 .observe(&md, &endpoints, Timestamp::now())
                 .await,
             experiment: read_experiment(&md, &endpoints).await,
+            input_quality: input_quality(&ns, &ctx.jobs.state()),
         };
         for check in observed.analysis.iter().flat_map(|r| &r.checks) {
             ctx.metrics
@@ -864,6 +901,54 @@ spec:
                 .collect(),
         }
         .into()
+    }
+
+    #[test]
+    fn the_latest_run_with_checks_on_the_events_decides_the_input_quality() {
+        let job = |name: &str, ns: &str, finished: &str, dq: &str| -> Arc<recsys_crds::BatchJob> {
+            Arc::new(
+                serde_yaml::from_str(&format!(
+                    r#"
+apiVersion: recsys.io/v1alpha1
+kind: BatchJob
+metadata: {{ name: {name}, namespace: {ns} }}
+spec: {{ job: data-quality }}
+status:
+  history:
+    - jobName: {name}-1
+      startedAt: "{finished}"
+      finishedAt: "{finished}"
+      outcome: Failed
+      attempts: 1
+      dataQuality: {dq}
+"#
+                ))
+                .expect("fixture"),
+            )
+        };
+        let failing = r#"{ runId: dq-1, passed: false, violations: [
+            { check: freshness, checkType: freshness, target: events, blocking: true },
+            { check: validity.unknown_product, checkType: validity, target: events, blocking: false } ] }"#;
+        let drift = r#"{ runId: dq-3, passed: false, violations: [
+            { check: drift.psi, checkType: drift, target: "feature:popularity_score@v1", blocking: true } ] }"#;
+        let passing = "{ runId: dq-2, passed: true }";
+        let a = job("dq", "shop", "2026-12-05T10:00:00Z", failing);
+        let why = input_quality("shop", std::slice::from_ref(&a)).expect("held");
+        assert!(
+            why.contains("freshness on events")
+                && why.contains("BatchJob dq run dq-1")
+                && !why.contains("unknown_product"),
+            "{why}"
+        );
+        // A later passing run (of another job) releases it; another namespace's does not.
+        let later = job("cf", "shop", "2026-12-05T11:00:00Z", passing);
+        assert_eq!(input_quality("shop", &[a.clone(), later]), None);
+        let elsewhere = job("cf", "other", "2026-12-05T11:00:00Z", passing);
+        assert!(input_quality("shop", &[a.clone(), elsewhere]).is_some());
+        // Feature drift is not the model's input.
+        let d = job("pop", "shop", "2026-12-05T12:00:00Z", drift);
+        assert_eq!(input_quality("shop", &[a, d]), None);
+        assert_eq!(input_quality("shop", &[]), None);
     }
 
     fn table(md: &ModelDeployment, status: &ModelDeploymentStatus) -> RoutingTable {

@@ -212,6 +212,8 @@ pub enum Reason {
     AnalysisInconclusive,
     /// The last analysis failed, below `failureLimit` in a row; held.
     AnalysisFailing,
+    /// The model's input fails a blocking data-quality check; held where it is.
+    DataQualityHeld,
     /// The candidate became stable.
     Promoted,
     /// The candidate was rolled back.
@@ -241,6 +243,7 @@ impl Reason {
                 | Self::Analyzing
                 | Self::AnalysisInconclusive
                 | Self::AnalysisFailing
+                | Self::DataQualityHeld
         )
     }
 }
@@ -274,6 +277,9 @@ pub struct Evidence {
     pub stable: VersionState,
     /// The live analysis run that an interval just closed, if any.
     pub analysis: Option<AnalysisRun>,
+    /// Why the model's input fails its data-quality checks, when it does: the rollout holds
+    /// where it is (no new step, no promotion) until they pass; rollbacks still happen.
+    pub input_quality: Option<String>,
 }
 
 /// The offline check: the candidate's NDCG@10 over the stable version's, both from their
@@ -368,6 +374,13 @@ fn advance_steps(
     if status.stage == Stage::Pending {
         // Not routed until every ready scorer pod has it loaded and verified.
         match candidate_state {
+            VersionState::Loaded { .. } if let Some(why) = &evidence.input_quality => {
+                return Progress {
+                    reason: Reason::DataQualityHeld,
+                    message: format!("{candidate} is not routed: {why}"),
+                    requeue: Some(REFUSED_RECHECK),
+                };
+            }
             VersionState::Loaded { .. } => {
                 status.current_step = Some(0);
                 status.step_started_at = Some(Time(now));
@@ -536,6 +549,13 @@ fn advance_steps(
                     );
                 }
             }
+            if let Some(why) = &evidence.input_quality {
+                return hold(
+                    Reason::DataQualityHeld,
+                    format!("step {index} would promote {candidate}, held: {why}"),
+                    Some(REFUSED_RECHECK),
+                );
+            }
             return promote(status, &candidate, now, "the full step");
         }
         // The step is done. One that exposed the candidate ends only on a successful
@@ -545,6 +565,14 @@ fn advance_steps(
             && let Some(held) = analysis_gate(status, analysis, index, started, &candidate)
         {
             return held;
+        }
+        if let Some(why) = &evidence.input_quality {
+            // The step is over, but nothing moves on while the input is bad.
+            return hold(
+                Reason::DataQualityHeld,
+                format!("step {index} of {candidate} is done, held: {why}"),
+                Some(REFUSED_RECHECK),
+            );
         }
         // On to the next one, from now.
         status.current_step = Some(index as i32 + 1);
@@ -753,6 +781,7 @@ spec:
         candidate: LOADED_STATE,
         stable: LOADED_STATE,
         analysis: None,
+        input_quality: None,
     };
 
     fn with(candidate: VersionState) -> Evidence {
@@ -760,6 +789,7 @@ spec:
             candidate,
             stable: LOADED_STATE,
             analysis: None,
+            input_quality: None,
         }
     }
 
@@ -864,6 +894,53 @@ spec:
         );
         assert_eq!(s.history[0].version, "v2");
         assert_eq!(s.history[0].outcome, Stage::Promoted);
+    }
+
+    #[test]
+    fn failing_input_checks_hold_the_rollout_where_it_is_and_rollbacks_still_happen() {
+        let mut m = md(TIMED);
+        let why = "the model's input fails data-quality checks: freshness on events";
+        let bad = |e: Evidence| Evidence {
+            input_quality: Some(why.into()),
+            ..e
+        };
+        // A new candidate is not routed while the input is bad.
+        let mut s = stable_v1();
+        let p = advance(&m, &mut s, &bad(LOADED), at("2026-11-26T10:00:00Z"));
+        assert_eq!(
+            (p.reason.as_str(), s.stage),
+            ("DataQualityHeld", Stage::Pending)
+        );
+        assert!(p.message.contains("freshness on events"), "{}", p.message);
+        assert!(p.reason.is_progressing());
+        // Started on good input, the shadow step runs its time, then holds instead of taking
+        // users, and moves on once the checks pass.
+        assert_eq!(
+            advance(&m, &mut s, &LOADED, at("2026-11-26T10:01:00Z"))
+                .reason
+                .as_str(),
+            "Shadow"
+        );
+        let p = advance(&m, &mut s, &bad(LOADED), at("2026-11-26T10:20:00Z"));
+        assert_eq!(
+            (p.reason.as_str(), s.stage, s.canary_weight, s.current_step),
+            ("DataQualityHeld", Stage::Shadow, 0, Some(0))
+        );
+        let p = advance(&m, &mut s, &LOADED, at("2026-11-26T10:21:00Z"));
+        assert_eq!((p.reason.as_str(), s.canary_weight), ("Canary", 10));
+        // A failing analysis still rolls back while the input is bad.
+        m.spec.strategy.analysis.max_error_rate = Some(0.01);
+        m.spec.strategy.analysis.failure_limit = 1;
+        let p = advance(
+            &m,
+            &mut s,
+            &bad(run(1, Verdict::Failed, "2026-11-26T10:22:00Z")),
+            at("2026-11-26T10:22:00Z"),
+        );
+        assert_eq!(
+            (p.reason.as_str(), s.stage),
+            ("RolledBack", Stage::RolledBack)
+        );
     }
 
     #[test]
@@ -1130,6 +1207,7 @@ spec:
             candidate: loaded(c),
             stable: loaded(s),
             analysis: None,
+            input_quality: None,
         };
         // No metric in a manifest: inconclusive, held at the first traffic step.
         let mut s = stable_v1();
