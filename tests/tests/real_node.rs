@@ -316,6 +316,9 @@ async fn end_to_end(
             ("RECSYS_S3_ENDPOINT", &node.s3_endpoint),
             ("RECSYS_S3_FORCE_PATH_STYLE", "true"),
             ("RECSYS_S3_REGION", &s3_region),
+            // These events are a historical load, not a live stream: minutes pass between
+            // loading them and the jobs' input checks, which would otherwise find them stale.
+            ("RECSYS_DQ_FRESHNESS_MAX_AGE", "6h"),
         ],
     )?;
     create_from_literals(
@@ -374,6 +377,7 @@ async fn end_to_end(
         "batchjob",
         "batchjobs/category-affinity",
         "batchjobs/cf-train",
+        "batchjobs/data-quality",
     ] {
         objects.extend(examples(&format!("docs/examples/{f}.yaml"), n)?);
     }
@@ -398,7 +402,7 @@ async fn end_to_end(
 
     // ---- run the scheduled jobs now, as a user would: the run annotation.
     let bjs: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource("BatchJob"));
-    for job in ["popularity", "category-affinity", "cf-train"] {
+    for job in ["popularity", "category-affinity", "cf-train", "data-quality"] {
         kubectl(
             &env,
             &["-n", n, "annotate", "batchjob", job, "recsys.io/run=first"],
@@ -423,10 +427,17 @@ async fn end_to_end(
     let (host, _port) = server.rsplit_once(':').context("database URL port")?;
     let unreachable = format!("{host}:1/{database}");
     retryable["spec"]["parameters"]["database-url"] = json!(unreachable);
-    apply(&env, &[not_retryable, retryable])?;
+    // A data-quality gate that holds: the same checks with a freshness no historical load
+    // meets exit 3, named as a gate and not retried.
+    let mut strict = examples("docs/examples/batchjobs/data-quality.yaml", n)?.remove(0);
+    strict["metadata"]["name"] = json!("data-quality-strict");
+    strict["metadata"]["annotations"] = json!({ "recsys.io/run": "1" });
+    strict["spec"]["schedule"] = Value::Null;
+    strict["spec"]["parameters"] = json!({ "freshness-max-age": "1s" });
+    apply(&env, &[not_retryable, retryable, strict])?;
 
     let timeout = Duration::from_secs(300);
-    for job in ["popularity", "category-affinity", "cf-train"] {
+    for job in ["popularity", "category-affinity", "cf-train", "data-quality"] {
         let (outcome, reason, attempts) = finished_run(&bjs, job, timeout).await?;
         if outcome != "Succeeded" {
             let logs = kubectl(
@@ -464,6 +475,33 @@ async fn end_to_end(
         Some(node.name.as_str())
     );
     assert_locked_down(&node, "trainer", &trainer[0], false)?;
+
+    // Every job checked its input: the runs say so, with the id of their rows in
+    // data_quality_results.
+    for job in ["popularity", "category-affinity", "cf-train", "data-quality"] {
+        let run = latest_run(&bjs, job).await?;
+        let dq = &run["dataQuality"];
+        assert!(
+            dq["passed"] == json!(true) && dq["runId"].as_str().is_some_and(|r| !r.is_empty()),
+            "{job}: {run}"
+        );
+    }
+    let (outcome, reason, attempts) = finished_run(&bjs, "data-quality-strict", timeout).await?;
+    assert_eq!(
+        (outcome.as_str(), attempts),
+        ("Failed", 1),
+        "a held gate is not retried: {reason}"
+    );
+    assert!(
+        reason.starts_with("DataQualityGate: ") && reason.contains("freshness on events"),
+        "{reason}"
+    );
+    let strict_run = latest_run(&bjs, "data-quality-strict").await?;
+    assert_eq!(
+        strict_run["dataQuality"]["violations"][0],
+        json!({"check": "freshness", "checkType": "freshness", "target": "events", "blocking": true}),
+        "{strict_run}"
+    );
 
     let (outcome, reason, _) = finished_run(&bjs, "popularity-bad-window", timeout).await?;
     assert_eq!(outcome, "Failed", "bad options: {reason}");

@@ -245,6 +245,7 @@ pub fn judge(
     thresholds: &crate::features::registry::DriftThresholds,
     reference: &Sample,
     current: &Sample,
+    min_values: usize,
     blocking: bool,
 ) -> Vec<super::CheckResult> {
     let mut out = vec![];
@@ -264,6 +265,13 @@ pub fn judge(
             r.skipped("no reference values yet: the feature has no earlier materialization in the reference window")
         } else if current.is_empty() {
             r.skipped("no current values")
+        } else if current.len().min(reference.len()) < min_values {
+            // A distance between a dozen values is noise, whatever its size.
+            r.skipped(format!(
+                "too few values to judge: {} current and {} reference, at least {min_values} each (--drift-min-values)",
+                current.len(),
+                reference.len()
+            ))
         } else {
             match stat.compute(reference, current) {
                 None => r.skipped(format!(

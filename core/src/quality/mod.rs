@@ -233,6 +233,9 @@ pub struct QualityArgs {
     /// before the latest.
     #[arg(long, env = "RECSYS_DQ_DRIFT_REFERENCE", default_value = "7d", value_parser = duration_arg)]
     pub drift_reference: DurationArg,
+    /// Fewest values on each side (current and reference) for a drift check to be judged.
+    #[arg(long, env = "RECSYS_DQ_DRIFT_MIN_VALUES", default_value_t = 100)]
+    pub drift_min_values: usize,
     /// Checks (`validity.unknown_product`) or check types (`volume`) whose failures warn
     /// instead of holding the gate; comma-separated.
     #[arg(
@@ -359,7 +362,8 @@ pub fn evaluate(p: &EventProfile, args: &QualityArgs) -> Vec<CheckResult> {
     }
     out.push(freshness(p, args, new("freshness", CheckType::Freshness)));
     let from_hour = (p.at_ms - args.check_window.ms).div_euclid(volume::HOUR_MS);
-    let in_window = |b: &&Bucket| b.hour.is_some_and(|h| h >= from_hour);
+    let to_hour = p.at_ms.div_euclid(volume::HOUR_MS);
+    let in_window = |b: &&Bucket| b.hour.is_some_and(|h| (from_hour..=to_hour).contains(&h));
     // Completeness: the worst hour of the window (an hour of nulls is not averaged away by a
     // day of good events), over hours with enough events to judge a share.
     let mut hours: BTreeMap<i64, (u64, [u64; 3])> = BTreeMap::new();
@@ -562,7 +566,7 @@ fn validity(
                 ),
             ),
     );
-    // Future events are counted wherever they fall (they are after the window's end).
+    // Future-dated events are counted wherever they fall (mostly after the window's end).
     let future: u64 = p.buckets.iter().map(|b| b.future).sum();
     let s = share(future, window_rows + future);
     out.push(
@@ -571,7 +575,7 @@ fn validity(
             .judged(
                 s > args.max_invalid,
                 format!(
-                    "{future} events ({}) are dated more than {} after now",
+                    "{future} events ({}) are dated more than {} after they were ingested",
                     pct(s),
                     args.future_skew.text
                 ),
@@ -753,7 +757,12 @@ pub async fn feature_drift(
         )
         .await?;
         out.extend(drift::judge(
-            &target, thresholds, &reference, &current, blocks,
+            &target,
+            thresholds,
+            &reference,
+            &current,
+            args.drift_min_values,
+            blocks,
         ));
     }
     Ok(out)

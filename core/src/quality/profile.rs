@@ -43,7 +43,8 @@ pub struct Bucket {
     pub missing_product: u64,
     /// Events with an id over the length limit.
     pub long_ids: u64,
-    /// Events dated after now plus the allowed skew.
+    /// Events dated more than the allowed skew after they were ingested (a file's: after the
+    /// real now).
     pub future: u64,
 }
 
@@ -71,11 +72,12 @@ pub struct EventProfile {
     pub history_from_ms: i64,
     /// The table's columns; `None` for a file.
     pub columns: Option<Vec<Column>>,
-    /// Events by hour and type since `history_from_ms` (and all future ones).
+    /// Events by hour and type since `history_from_ms` (hours after `at_ms` too: the checks
+    /// judge hours up to `at_ms` only).
     pub buckets: Vec<Bucket>,
     /// Events without a time.
     pub missing_time: u64,
-    /// The newest event time up to now plus the skew.
+    /// The newest event time up to `at_ms` plus the skew, future-dated events aside.
     pub newest_ms: Option<i64>,
     /// `(duplicates, events)` in the check window: events repeating another's user, product,
     /// type and time.
@@ -209,23 +211,40 @@ pub async fn postgres(
     if p.missing_required_column().is_some() {
         return Ok(p);
     }
-    let future_from = ts(at_ms + args.future_skew.ms);
-    // The one pass: every per-event figure, grouped by hour and type.
-    let rows: Vec<AggRow> = sqlx::query_as(
+    // As of `at`: events up to `at` (plus the clock skew) are seen. An event dated more than
+    // the skew after the time it was ingested (or after the real now) is future-dated,
+    // whenever it is.
+    let seen_until = ts(at_ms + args.future_skew.ms);
+    let now = Utc::now();
+    let has_ingested = p
+        .columns
+        .as_ref()
+        .is_some_and(|c| c.iter().any(|c| c.name == "ingested_at"));
+    let ingested = if has_ingested {
+        "LEAST(ingested_at, $4)"
+    } else {
+        "$4"
+    };
+    let future = format!("occurred_at > {ingested} + $5 * interval '1 millisecond'");
+    // The one pass: every per-event figure, grouped by hour and type. The SQL is built from
+    // two fixed spellings (with or without ingested_at); every value is bound.
+    let rows: Vec<AggRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT floor(extract(epoch FROM occurred_at) / 3600)::bigint AS hour, event_type,
                 count(*),
                 count(*) FILTER (WHERE user_id IS NULL OR user_id = ''),
                 count(*) FILTER (WHERE product_id IS NULL OR product_id = ''),
                 count(*) FILTER (WHERE octet_length(event_id) > $3 OR octet_length(user_id) > $3
                                     OR octet_length(product_id) > $3),
-                count(*) FILTER (WHERE occurred_at > $2),
-                max(occurred_at) FILTER (WHERE occurred_at <= $2)
+                count(*) FILTER (WHERE {future}),
+                max(occurred_at) FILTER (WHERE occurred_at <= $2 AND NOT ({future}))
          FROM events WHERE occurred_at >= $1
-         GROUP BY 1, 2",
-    )
+         GROUP BY 1, 2"
+    )))
     .bind(ts(history_from_ms))
-    .bind(future_from)
+    .bind(seen_until)
     .bind(i32::try_from(args.max_id_bytes).unwrap_or(i32::MAX))
+    .bind(now)
+    .bind(args.future_skew.ms as f64)
     .fetch_all(pool)
     .await?;
     for (hour, event_type, n, mu, mp, long, future, newest) in rows {
@@ -244,7 +263,7 @@ pub async fn postgres(
         // Nothing in the history window: the newest event is older (one index lookup).
         let newest: Option<DateTime<Utc>> =
             sqlx::query_scalar("SELECT max(occurred_at) FROM events WHERE occurred_at <= $1")
-                .bind(future_from)
+                .bind(seen_until)
                 .fetch_one(pool)
                 .await?;
         p.newest_ms = newest.map(|t| t.timestamp_millis());
@@ -448,7 +467,10 @@ pub fn file(
         .unwrap_or_else(|| Utc::now().timestamp_millis());
     p.at_ms = at_ms;
     p.history_from_ms = at_ms - args.history_ms();
-    let future_from = at_ms + args.future_skew.ms;
+    let seen_until = at_ms + args.future_skew.ms;
+    // Files carry no ingestion time: an event after the real now (plus the skew) is
+    // future-dated.
+    let future_from = Utc::now().timestamp_millis() + args.future_skew.ms;
     let window_from = at_ms - args.check_window.ms;
     let mut buckets: BTreeMap<(Option<i64>, Option<String>), Bucket> = BTreeMap::new();
     let mut seen: HashMap<(String, String, String, i64), u64> = HashMap::new();
@@ -461,7 +483,7 @@ pub fn file(
             p.missing_time += 1;
             continue;
         };
-        if t <= future_from {
+        if t <= seen_until && t <= future_from {
             p.newest_ms = p.newest_ms.max(Some(t));
         }
         if t < p.history_from_ms {
