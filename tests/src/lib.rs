@@ -17,6 +17,7 @@ use kube::{Api, Client, Config};
 use tokio::sync::OnceCell;
 
 pub mod experiments;
+pub mod monitoring;
 pub mod real_node;
 pub mod recommend;
 pub mod scorers;

@@ -130,3 +130,108 @@ async fn chart_lints_renders_applies_and_runs() -> anyhow::Result<()> {
         .args(["uninstall", "recsys", "--namespace", &ns.name]))?;
     Ok(())
 }
+
+/// The monitoring kit, on request only: a PrometheusRule holding the alert rules file as it is,
+/// and the dashboards' ConfigMap labelled for the Grafana sidecar, which the API server accepts.
+/// The PrometheusRule is not applied: the test cluster has no Prometheus Operator CRDs.
+#[tokio::test]
+async fn chart_renders_alert_rules_and_dashboards_when_asked() -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let env = TestEnv::load()?;
+    let client = env.client().await?;
+    let ns = TestNamespace::create(&env, &client, "chart-mon").await?;
+    let chart = repo_root().join("charts/recsys");
+    let chart = chart.to_str().unwrap_or("charts/recsys");
+    let on = [
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.labels.release=kube-prometheus-stack",
+        "--set",
+        "monitoring.dashboards.enabled=true",
+        "--set",
+        "monitoring.dashboards.annotations.grafana_folder=recsys",
+    ];
+    let lint = run(env
+        .command("helm")
+        .args(["lint", "--strict", chart])
+        .args(on))?;
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let documents = |text: &str| -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut out = vec![];
+        for doc in serde_yaml::Deserializer::from_str(text) {
+            let v = serde_json::Value::deserialize(doc)?;
+            if !v.is_null() {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    };
+    let of_kind = |docs: &[serde_json::Value], kind: &str| {
+        docs.iter()
+            .filter(|d| d["kind"] == kind)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+
+    let default = documents(&run(env
+        .command("helm")
+        .args(["template", "recsys", chart]))?)?;
+    assert!(of_kind(&default, "PrometheusRule").is_empty());
+    assert!(of_kind(&default, "ConfigMap").is_empty());
+
+    let rendered = run(env
+        .command("helm")
+        .args(["template", "recsys", chart, "--namespace", &ns.name])
+        .args(on))?;
+    let docs = documents(&rendered)?;
+    let rules = of_kind(&docs, "PrometheusRule");
+    assert_eq!(rules.len(), 1, "{rendered}");
+    let rule = &rules[0];
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["metadata"]["name"], "recsys-data-quality");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let file: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(
+        repo_root().join("charts/recsys/files/alerts/data-quality.rules.yaml"),
+    )?)?;
+    assert_eq!(
+        rule["spec"], file,
+        "the PrometheusRule's spec is the rules file"
+    );
+
+    let maps = of_kind(&docs, "ConfigMap");
+    assert_eq!(maps.len(), 1, "{rendered}");
+    let map = &maps[0];
+    assert_eq!(map["metadata"]["name"], "recsys-dashboards");
+    assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(map["metadata"]["annotations"]["grafana_folder"], "recsys");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        map["data"]["recsys-data-quality.json"]
+            .as_str()
+            .unwrap_or_default(),
+    )?;
+    let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        repo_root().join("charts/recsys/files/dashboards/data-quality.json"),
+    )?)?;
+    assert_eq!(dashboard, file);
+
+    let manifest = std::env::temp_dir().join(format!("{}-dashboards.yaml", ns.name));
+    std::fs::write(&manifest, serde_yaml::to_string(map)?)?;
+    let applied = run(env.command("kubectl").args([
+        "apply",
+        "--dry-run=server",
+        "--server-side",
+        "-f",
+        manifest.to_str().unwrap_or_default(),
+    ]));
+    let _ = std::fs::remove_file(&manifest);
+    let applied = applied?;
+    assert!(
+        applied.contains("configmap/recsys-dashboards serverside-applied (server dry run)"),
+        "{applied}"
+    );
+    Ok(())
+}

@@ -402,7 +402,12 @@ async fn end_to_end(
 
     // ---- run the scheduled jobs now, as a user would: the run annotation.
     let bjs: Api<DynamicObject> = Api::namespaced_with(client.clone(), n, &resource("BatchJob"));
-    for job in ["popularity", "category-affinity", "cf-train", "data-quality"] {
+    for job in [
+        "popularity",
+        "category-affinity",
+        "cf-train",
+        "data-quality",
+    ] {
         kubectl(
             &env,
             &["-n", n, "annotate", "batchjob", job, "recsys.io/run=first"],
@@ -437,7 +442,12 @@ async fn end_to_end(
     apply(&env, &[not_retryable, retryable, strict])?;
 
     let timeout = Duration::from_secs(300);
-    for job in ["popularity", "category-affinity", "cf-train", "data-quality"] {
+    for job in [
+        "popularity",
+        "category-affinity",
+        "cf-train",
+        "data-quality",
+    ] {
         let (outcome, reason, attempts) = finished_run(&bjs, job, timeout).await?;
         if outcome != "Succeeded" {
             let logs = kubectl(
@@ -478,7 +488,12 @@ async fn end_to_end(
 
     // Every job checked its input: the runs say so, with the id of their rows in
     // data_quality_results.
-    for job in ["popularity", "category-affinity", "cf-train", "data-quality"] {
+    for job in [
+        "popularity",
+        "category-affinity",
+        "cf-train",
+        "data-quality",
+    ] {
         let run = latest_run(&bjs, job).await?;
         let dq = &run["dataQuality"];
         assert!(

@@ -758,6 +758,34 @@ pub async fn materialize(
         )
     };
     let input_failed = checks.as_ref().is_some_and(|c| !c.passed);
+    let blocks =
+        |p: &Plan| p.feature.spec.on_quality_failure.unwrap_or_default() == QualityPolicy::Block;
+    if input_failed
+        && plans.iter().all(blocks)
+        && let Some(c) = checks
+    {
+        // Nothing would be published: stop before reading input that failed its checks.
+        let versions = plans
+            .iter()
+            .map(|p| {
+                let mut r = VersionReport::new(&p.feature, &p.params, 0, 0);
+                r.held = Some(format!("input: {}", c.describe_failures()));
+                r
+            })
+            .collect();
+        emit(
+            &JobReport {
+                job: computation.job().to_owned(),
+                at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                events: 0,
+                versions,
+                seconds: started.elapsed().as_secs_f64(),
+                input_checks: Some(c.clone()),
+            },
+            args.report.as_ref(),
+        )?;
+        return Err(FeatureJobError::Gate(Box::new(c)));
+    }
     let data = read_events(
         &args.store,
         &stores,
@@ -779,8 +807,7 @@ pub async fn materialize(
         let values = compute::compute(p.computation, data.inputs(at_ms), &p.params);
         let feature = p.feature.feature_ref();
         let mut report = VersionReport::new(&p.feature, &p.params, 1, values.len() as u64);
-        let policy = p.feature.spec.on_quality_failure.unwrap_or_default();
-        let blocks = policy == QualityPolicy::Block;
+        let blocks = blocks(p);
         let mut problems = vec![];
         if input_failed && let Some(c) = &checks {
             problems.push(format!("input: {}", c.describe_failures()));
@@ -802,6 +829,7 @@ pub async fn materialize(
                 thresholds,
                 &reference,
                 &current,
+                args.checks.drift_min_values,
                 blocks,
             );
             for r in results.iter().filter(|r| r.verdict.is_violation()) {

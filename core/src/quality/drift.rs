@@ -170,74 +170,6 @@ impl Statistic {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn normal(n: usize, mean: f64, sd: f64) -> Vec<f64> {
-        // Deterministic quantiles of a normal distribution.
-        use statrs::distribution::{ContinuousCDF, Normal};
-        let d = Normal::new(mean, sd).expect("normal");
-        (0..n)
-            .map(|i| d.inverse_cdf((i as f64 + 0.5) / n as f64))
-            .collect()
-    }
-
-    #[test]
-    fn psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() {
-        let r = normal(5000, 0.0, 1.0);
-        assert!(psi(&r, &normal(3000, 0.0, 1.0)).expect("psi") < 0.01);
-        let small = psi(&r, &normal(3000, 0.1, 1.0)).expect("psi");
-        let large = psi(&r, &normal(3000, 1.0, 1.0)).expect("psi");
-        assert!(
-            small < 0.1 && large > 0.25 && large > small,
-            "{small} {large}"
-        );
-        assert_eq!(psi(&[], &r), None);
-    }
-
-    #[test]
-    fn psi_handles_empty_bins_and_few_distinct_values() {
-        // Reference all 1.0: one edge; the current sample entirely above it is a large shift.
-        let r = vec![1.0; 100];
-        let p = psi(&r, &[2.0; 50]).expect("psi");
-        assert!(p.is_finite() && p > 1.0, "{p}");
-        assert!(psi(&r, &r).expect("psi").abs() < 1e-12);
-        // Values outside the reference's range fall in the outer bins, finitely.
-        let p = psi(&normal(1000, 0.0, 1.0), &[100.0; 10]).expect("psi");
-        assert!(p.is_finite() && p > 1.0);
-    }
-
-    #[test]
-    fn ks_and_jensen_shannon_match_hand_figures() {
-        assert_eq!(ks(&[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 3.0, 4.0]), Some(0.0));
-        assert_eq!(ks(&[1.0, 2.0], &[3.0, 4.0]), Some(1.0));
-        assert_eq!(ks(&[1.0, 2.0, 3.0, 4.0], &[3.0, 4.0]), Some(0.5));
-        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(jensen_shannon(&s(&["a", "b"]), &s(&["b", "a"])), Some(0.0));
-        assert_eq!(jensen_shannon(&s(&["a"]), &s(&["b"])), Some(1.0));
-        let half = jensen_shannon(&s(&["a", "a"]), &s(&["a", "b"])).expect("js");
-        // JS divergence of (1,0) and (½,½) is 0.311 bits.
-        assert!((half * half - 0.3113).abs() < 1e-3, "{half}");
-    }
-
-    #[test]
-    fn samples_take_their_kind_from_the_values() {
-        let v = [
-            FeatureValue::Float(1.0),
-            FeatureValue::Int(2),
-            FeatureValue::FloatVector(vec![3.0, 4.0]),
-        ];
-        assert_eq!(Sample::of(&v), Sample::Numeric(vec![1.0, 2.0, 5.0]));
-        let c = [FeatureValue::String("x".into())];
-        assert_eq!(Sample::of(&c), Sample::Categorical(vec!["x".into()]));
-        assert_eq!(
-            Statistic::Psi.compute(&Sample::of(&c), &Sample::of(&c)),
-            None
-        );
-    }
-}
-
 /// Judges `current` against `reference` with every threshold `thresholds` sets, one result per
 /// statistic (`drift.psi`, `drift.ks`, `drift.jensen_shannon`) on `target`.
 pub fn judge(
@@ -348,4 +280,72 @@ pub async fn reference(
         values.extend(values_at(offline, feature, kind, at).await?);
     }
     Ok(Sample::of(&values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normal(n: usize, mean: f64, sd: f64) -> Vec<f64> {
+        // Deterministic quantiles of a normal distribution.
+        use statrs::distribution::{ContinuousCDF, Normal};
+        let d = Normal::new(mean, sd).expect("normal");
+        (0..n)
+            .map(|i| d.inverse_cdf((i as f64 + 0.5) / n as f64))
+            .collect()
+    }
+
+    #[test]
+    fn psi_is_zero_for_the_same_distribution_and_grows_with_a_shift() {
+        let r = normal(5000, 0.0, 1.0);
+        assert!(psi(&r, &normal(3000, 0.0, 1.0)).expect("psi") < 0.01);
+        let small = psi(&r, &normal(3000, 0.1, 1.0)).expect("psi");
+        let large = psi(&r, &normal(3000, 1.0, 1.0)).expect("psi");
+        assert!(
+            small < 0.1 && large > 0.25 && large > small,
+            "{small} {large}"
+        );
+        assert_eq!(psi(&[], &r), None);
+    }
+
+    #[test]
+    fn psi_handles_empty_bins_and_few_distinct_values() {
+        // Reference all 1.0: one edge; the current sample entirely above it is a large shift.
+        let r = vec![1.0; 100];
+        let p = psi(&r, &[2.0; 50]).expect("psi");
+        assert!(p.is_finite() && p > 1.0, "{p}");
+        assert!(psi(&r, &r).expect("psi").abs() < 1e-12);
+        // Values outside the reference's range fall in the outer bins, finitely.
+        let p = psi(&normal(1000, 0.0, 1.0), &[100.0; 10]).expect("psi");
+        assert!(p.is_finite() && p > 1.0);
+    }
+
+    #[test]
+    fn ks_and_jensen_shannon_match_hand_figures() {
+        assert_eq!(ks(&[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 3.0, 4.0]), Some(0.0));
+        assert_eq!(ks(&[1.0, 2.0], &[3.0, 4.0]), Some(1.0));
+        assert_eq!(ks(&[1.0, 2.0, 3.0, 4.0], &[3.0, 4.0]), Some(0.5));
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(jensen_shannon(&s(&["a", "b"]), &s(&["b", "a"])), Some(0.0));
+        assert_eq!(jensen_shannon(&s(&["a"]), &s(&["b"])), Some(1.0));
+        let half = jensen_shannon(&s(&["a", "a"]), &s(&["a", "b"])).expect("js");
+        // JS divergence of (1,0) and (½,½) is 0.311 bits.
+        assert!((half * half - 0.3113).abs() < 1e-3, "{half}");
+    }
+
+    #[test]
+    fn samples_take_their_kind_from_the_values() {
+        let v = [
+            FeatureValue::Float(1.0),
+            FeatureValue::Int(2),
+            FeatureValue::FloatVector(vec![3.0, 4.0]),
+        ];
+        assert_eq!(Sample::of(&v), Sample::Numeric(vec![1.0, 2.0, 5.0]));
+        let c = [FeatureValue::String("x".into())];
+        assert_eq!(Sample::of(&c), Sample::Categorical(vec!["x".into()]));
+        assert_eq!(
+            Statistic::Psi.compute(&Sample::of(&c), &Sample::of(&c)),
+            None
+        );
+    }
 }

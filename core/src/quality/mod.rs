@@ -338,6 +338,12 @@ fn pct(f: f64) -> String {
     format!("{:.3}%", f * 100.0)
 }
 
+fn span_start(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%dT%H:%MZ").to_string())
+        .unwrap_or_else(|| ms.to_string())
+}
+
 fn hour_text(hour_ms: i64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(hour_ms)
         .map(|t| t.format("%Y-%m-%dT%H:00Z").to_string())
@@ -646,12 +652,22 @@ fn volume_checks(
     if series.is_empty() {
         series.insert("total".into(), BTreeMap::new());
     }
+    // Hours before the first event are unknown, not zero: a shop whose events start two weeks
+    // ago has no baseline before then (its first hour, maybe partial, is left out too).
+    let data_from = p
+        .buckets
+        .iter()
+        .filter_map(|b| b.hour)
+        .min()
+        .map_or(p.history_from_ms, |h| {
+            ((h + 1) * volume::HOUR_MS).max(p.history_from_ms)
+        });
     series
         .iter()
         .map(|(name, counts)| {
             let check = format!("volume.{name}");
             let r = new(&check, CheckType::Volume);
-            let judged = volume::judge(counts, p.history_from_ms, p.at_ms, &cfg);
+            let judged = volume::judge(counts, data_from, p.at_ms, &cfg);
             let Some(worst) = judged
                 .iter()
                 .max_by(|a, b| {
@@ -669,10 +685,15 @@ fn volume_checks(
             r.figures(worst.ratio(), threshold).judged(
                 worst.anomaly.is_some(),
                 format!(
-                    "{what}: {} {} events in the hour from {} where {:.1} were expected ({:.2}×, z {:.1}; {} judged hour(s))",
+                    "{what}: {} {} events in the {} from {} where {:.1} were expected ({:.2}×, z {:.1}; {} spans judged)",
                     worst.observed,
                     name,
-                    hour_text(worst.hour_ms),
+                    if (worst.hours - 1.0).abs() < 1e-9 {
+                        "hour".to_owned()
+                    } else {
+                        format!("{:.1} hours", worst.hours)
+                    },
+                    span_start(worst.hour_ms),
                     worst.expected,
                     worst.ratio(),
                     worst.z,
@@ -723,13 +744,19 @@ pub async fn feature_drift(
     args: &QualityArgs,
 ) -> Result<Vec<CheckResult>, DriftError> {
     let mut out = vec![];
+    // One check per stored feature (name and major): the latest version of each, which the
+    // feature jobs compute (`list` is by name, then version).
+    let mut latest: BTreeMap<(String, u64), crate::features::registry::RegisteredFeature> =
+        BTreeMap::new();
     for f in registry.list().await? {
+        if f.retired_at_ms.is_none() && (only.is_empty() || only.contains(&f.spec.name)) {
+            latest.insert((f.spec.name.clone(), f.major), f);
+        }
+    }
+    for f in latest.into_values() {
         let Some(thresholds) = &f.spec.drift else {
             continue;
         };
-        if f.retired_at_ms.is_some() || (!only.is_empty() && !only.contains(&f.spec.name)) {
-            continue;
-        }
         let feature = f.feature_ref();
         let target = drift::target(&feature);
         let blocks = args.blocks("drift", CheckType::Drift);

@@ -211,10 +211,10 @@ pub async fn postgres(
     if p.missing_required_column().is_some() {
         return Ok(p);
     }
-    // As of `at`: events up to `at` (plus the clock skew) are seen. An event dated more than
-    // the skew after the time it was ingested (or after the real now) is future-dated,
-    // whenever it is.
-    let seen_until = ts(at_ms + args.future_skew.ms);
+    // As of `at`: events up to `at` are seen (a later one has not happened yet). An event
+    // dated more than the skew after the time it was ingested (or after the real now) is
+    // future-dated, and counted whenever it is dated.
+    let seen_until = ts(at_ms);
     let now = Utc::now();
     let has_ingested = p
         .columns
@@ -237,7 +237,7 @@ pub async fn postgres(
                                     OR octet_length(product_id) > $3),
                 count(*) FILTER (WHERE {future}),
                 max(occurred_at) FILTER (WHERE occurred_at <= $2 AND NOT ({future}))
-         FROM events WHERE occurred_at >= $1
+         FROM events WHERE occurred_at >= $1 AND (occurred_at <= $2 OR {future})
          GROUP BY 1, 2"
     )))
     .bind(ts(history_from_ms))
@@ -467,7 +467,7 @@ pub fn file(
         .unwrap_or_else(|| Utc::now().timestamp_millis());
     p.at_ms = at_ms;
     p.history_from_ms = at_ms - args.history_ms();
-    let seen_until = at_ms + args.future_skew.ms;
+    let seen_until = at_ms;
     // Files carry no ingestion time: an event after the real now (plus the skew) is
     // future-dated.
     let future_from = Utc::now().timestamp_millis() + args.future_skew.ms;
@@ -486,7 +486,7 @@ pub fn file(
         if t <= seen_until && t <= future_from {
             p.newest_ms = p.newest_ms.max(Some(t));
         }
-        if t < p.history_from_ms {
+        if t < p.history_from_ms || (t > seen_until && t <= future_from) {
             continue;
         }
         let b = buckets

@@ -12,20 +12,24 @@
 //!    (`t − 1 d`, …, `t − 7 d`, at least three available); with less, the hour is not judged.
 //!    A median, not a mean, so that one earlier anomaly does not move the baseline.
 //! 2. **Noise `σ`**: counts are at least Poisson-distributed, and real traffic is noisier. The
-//!    history's own hours are standardised the same way, `r = (x − e) / √e`, and `σ` is
-//!    1.4826 × the median absolute deviation of those residuals (a robust standard deviation),
-//!    never below 1 (pure Poisson noise).
-//! 3. **Score** `z = (x − e) / (σ · √e)`. The hour is anomalous when all hold:
+//!    history's own hours are standardised with Anscombe's variance-stabilising transform,
+//!    `r = 2(√(x + 3/8) − √(e + 3/8))` (about standard normal for Poisson counts, small ones
+//!    included), and `σ` is 1.4826 × the median absolute deviation of those residuals (a
+//!    robust standard deviation), never below 1 (pure Poisson noise).
+//! 3. **Score** `z = 2(√(x + 3/8) − √(e + 3/8)) / σ`. A span is anomalous when all hold:
 //!    - `|z| ≥ z_threshold` (default 3.5): unlikely under the history's own noise;
 //!    - `x / e ≥ spike_ratio` (default 2) for a spike, or `x / e ≤ drop_ratio` (default 0.5)
 //!      for a drop: large enough to matter, whatever the noise;
 //!    - `e ≥ min_expected` (default 10 events): quiet hours are not judged, since a drop from
 //!      3 to 1 says little.
 //!
-//! The last [`VolumeConfig::hours`] complete hours are judged, and the current hour too once
-//! [`VolumeConfig::min_partial_minutes`] of it have passed, with its expectation scaled by the
-//! part of the hour elapsed. The detector is run on the total and on each event type, so that
-//! an 80% drop of purchases is seen although views hide it in the total.
+//! Judged spans: each of the last [`VolumeConfig::hours`] complete hours; the current hour
+//! once [`VolumeConfig::min_partial_minutes`] of it have passed, its expectation scaled by the
+//! part elapsed; and the trailing windows ending now (the last 1, 2, … `hours` complete hours
+//! with the current hour's elapsed part), so that a sustained change in a quiet series (an 80%
+//! drop of 20 purchases an hour) stands out over an hour and a half where one hour is within
+//! the noise. The detector is run on the total and on each event type, so that a drop of
+//! purchases is seen although views hide it in the total.
 
 use std::collections::BTreeMap;
 
@@ -69,8 +73,11 @@ impl Default for VolumeConfig {
 /// The judgement of one hour.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HourJudgement {
-    /// Start of the hour, ms since the epoch.
+    /// Start of the judged span (an hour, the current hour's elapsed part, or a trailing
+    /// window ending now), ms since the epoch.
     pub hour_ms: i64,
+    /// Length of the span in hours.
+    pub hours: f64,
     /// Events counted (in the elapsed part of the current hour).
     pub observed: f64,
     /// Expected count (scaled to the elapsed part).
@@ -170,7 +177,7 @@ pub fn judge(
     let mut residuals: Vec<f64> = (series.first..judged_from)
         .filter_map(|h| {
             let e = series.expected(h, cfg)?;
-            (e >= cfg.min_expected).then(|| (series.at(h).unwrap_or(0.0) - e) / e.sqrt())
+            (e >= cfg.min_expected).then(|| anscombe(series.at(h).unwrap_or(0.0), e))
         })
         .collect();
     let sigma = median(&mut residuals)
@@ -180,39 +187,67 @@ pub fn judge(
         })
         .unwrap_or(1.0)
         .max(1.0);
-    let mut hours: Vec<(i64, f64)> = (judged_from..current).map(|h| (h, 1.0)).collect();
-    if elapsed * 60.0 >= f64::from(cfg.min_partial_minutes) {
-        hours.push((current, elapsed));
-    }
-    hours
-        .into_iter()
-        .filter(|(h, _)| *h >= series.first)
-        .filter_map(|(h, part)| {
-            let e = series.expected(h, cfg)? * part;
-            if e < cfg.min_expected * part.max(f64::EPSILON) || e <= 0.0 {
+    let judge_span = |from: i64, spans: &[(i64, f64)]| -> Option<HourJudgement> {
+        let mut e = 0.0;
+        let mut x = 0.0;
+        let mut length = 0.0;
+        for &(h, part) in spans {
+            if h < series.first {
                 return None;
             }
-            let x = series.at(h).unwrap_or(0.0);
-            let z = (x - e) / (sigma * e.sqrt());
-            let ratio = x / e;
-            let anomaly = if z.abs() < cfg.z_threshold {
-                None
-            } else if z > 0.0 && ratio >= cfg.spike_ratio {
-                Some(Anomaly::Spike)
-            } else if z < 0.0 && ratio <= cfg.drop_ratio {
-                Some(Anomaly::Drop)
-            } else {
-                None
-            };
-            Some(HourJudgement {
-                hour_ms: h * HOUR_MS,
-                observed: x,
-                expected: e,
-                z,
-                anomaly,
-            })
+            e += series.expected(h, cfg)? * part;
+            x += series.at(h).unwrap_or(0.0);
+            length += part;
+        }
+        if length <= 0.0 || e < cfg.min_expected * length || e <= 0.0 {
+            return None;
+        }
+        let z = anscombe(x, e) / sigma;
+        let ratio = x / e;
+        let anomaly = if z.abs() < cfg.z_threshold {
+            None
+        } else if z > 0.0 && ratio >= cfg.spike_ratio {
+            Some(Anomaly::Spike)
+        } else if z < 0.0 && ratio <= cfg.drop_ratio {
+            Some(Anomaly::Drop)
+        } else {
+            None
+        };
+        Some(HourJudgement {
+            hour_ms: from * HOUR_MS,
+            hours: length,
+            observed: x,
+            expected: e,
+            z,
+            anomaly,
         })
-        .collect()
+    };
+    let partial = elapsed * 60.0 >= f64::from(cfg.min_partial_minutes);
+    let mut out: Vec<HourJudgement> = (judged_from..current)
+        .filter_map(|h| judge_span(h, &[(h, 1.0)]))
+        .collect();
+    if partial {
+        out.extend(judge_span(current, &[(current, elapsed)]));
+    }
+    // Trailing windows ending now: a sustained change in a quiet series (80% fewer of 20
+    // purchases an hour) stands out over 1.5 hours where one hour is within the noise.
+    for k in 1..=cfg.hours as i64 {
+        let mut spans: Vec<(i64, f64)> = (current - k..current).map(|h| (h, 1.0)).collect();
+        if elapsed > 0.0 {
+            spans.push((current, elapsed));
+        }
+        if spans.len() > 1 {
+            out.extend(judge_span(current - k, &spans));
+        }
+    }
+    out
+}
+
+/// The variance-stabilised difference of a count `x` from its expectation `e` (Anscombe's
+/// transform of Poisson counts): about standard normal under Poisson noise, at small counts
+/// too, where `(x − e) / √e` is not.
+fn anscombe(x: f64, e: f64) -> f64 {
+    2.0 * ((x + 0.375).sqrt() - (e + 0.375).sqrt())
 }
 
 #[cfg(test)]
@@ -273,8 +308,11 @@ mod tests {
             at * HOUR_MS + HOUR_MS / 2,
             &VolumeConfig::default(),
         );
-        let last = j.last().expect("current hour judged");
-        assert_eq!((last.hour_ms, last.expected), (at * HOUR_MS, 50.0));
+        let last = j
+            .iter()
+            .find(|h| h.hour_ms == at * HOUR_MS)
+            .expect("current hour judged");
+        assert_eq!((last.hours, last.expected), (0.5, 50.0));
         assert_eq!(last.anomaly, Some(Anomaly::Drop));
         // 03:00 expects 15; with min_expected 20 it is not judged.
         let night = 3 * WEEK_HOURS + 4;
