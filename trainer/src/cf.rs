@@ -315,7 +315,14 @@ pub struct TrainArgs {
     pub checks: recsys_core::quality::QualityArgs,
     /// Train without checking the input first (an escape hatch for a known, accepted
     /// anomaly; the report then has no `inputChecks`).
-    #[arg(long, env = "RECSYS_SKIP_INPUT_CHECKS")]
+    #[arg(
+        long,
+        env = "RECSYS_SKIP_INPUT_CHECKS",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub skip_input_checks: bool,
 }
 

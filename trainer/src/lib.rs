@@ -306,6 +306,32 @@ mod tests {
             panic!("parsed as {:?}", cli.job);
         };
         assert_eq!(b.features, ["popularity_score", "freshness_score@2"]);
+        // Boolean options work as flags and as BatchJob parameters (`--key=value`).
+        for (args, skip) in [
+            (&["cf-train", "--events=x.tsv"][..], false),
+            (
+                &["cf-train", "--events=x.tsv", "--skip-input-checks"][..],
+                true,
+            ),
+            (
+                &["cf-train", "--events=x.tsv", "--skip-input-checks=true"][..],
+                true,
+            ),
+            (&["popularity", "--skip-input-checks=false"][..], false),
+            (&["popularity", "--skip-input-checks=true"][..], true),
+            (&["data-quality", "--no-drift=true"][..], true),
+        ] {
+            let cli =
+                Cli::try_parse_from(std::iter::once("recsys-trainer").chain(args.iter().copied()))
+                    .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let got = match &cli.job {
+                Job::CfTrain(a) => a.skip_input_checks,
+                Job::Popularity(a) => a.skip_input_checks,
+                Job::DataQuality(a) => a.no_drift,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(got, skip, "{args:?}");
+        }
         let cli =
             Cli::try_parse_from(["recsys-trainer", "index-rebuild", "--model=als"]).expect("parse");
         let err = run(&cli.job).await.expect_err("not available yet");

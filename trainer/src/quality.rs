@@ -43,8 +43,14 @@ pub struct DataQualityArgs {
     /// by default.
     #[arg(long = "feature", value_delimiter = ',')]
     pub features: Vec<String>,
-    /// Skip the drift checks.
-    #[arg(long)]
+    /// Skip the drift checks (`--no-drift` or `--no-drift=true`, as a BatchJob parameter).
+    #[arg(
+        long,
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     pub no_drift: bool,
     /// Thresholds.
     #[command(flatten)]
