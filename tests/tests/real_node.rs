@@ -792,6 +792,83 @@ async fn end_to_end(
         serde_json::from_str(body.trim()).with_context(|| format!("not JSON: {body}"))?;
     assert_eq!(answer["version"], json!(new_version), "{answer}");
 
+    // ---- the model's input fails its checks: a rollout holds where it is, saying which
+    // check, and goes on once a later run passes.
+    let strict_job = strict_run["jobName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "annotate",
+            "--overwrite",
+            "batchjob",
+            "data-quality-strict",
+            "recsys.io/run=2",
+        ],
+    )?;
+    let failing = next_run(&bjs, "data-quality-strict", &strict_job, timeout).await?;
+    assert_eq!(failing["dataQuality"]["passed"], json!(false), "{failing}");
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "patch",
+            "modeldeployment",
+            MODEL,
+            "--type=merge",
+            "-p",
+            &json!({"spec": {"version": version}}).to_string(),
+        ],
+    )?;
+    wait_for(
+        Duration::from_secs(120),
+        &format!("the rollout of {version} held by the failing checks"),
+        || async {
+            let s = mds.get(MODEL).await?.data["status"].clone();
+            let held = s["conditions"].as_array().into_iter().flatten().any(|c| {
+                c["type"] == "Progressing"
+                    && c["reason"] == "DataQualityHeld"
+                    && c["message"].as_str().is_some_and(|m| {
+                        m.contains("freshness on events") && m.contains("data-quality-strict")
+                    })
+            });
+            Ok(held && s["stableVersion"] == json!(new_version))
+        },
+    )
+    .await?;
+    let dq_job = latest_run(&bjs, "data-quality").await?["jobName"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    kubectl(
+        &env,
+        &[
+            "-n",
+            n,
+            "annotate",
+            "--overwrite",
+            "batchjob",
+            "data-quality",
+            "recsys.io/run=second",
+        ],
+    )?;
+    let passing = next_run(&bjs, "data-quality", &dq_job, timeout).await?;
+    assert_eq!(passing["dataQuality"]["passed"], json!(true), "{passing}");
+    wait_for(
+        Duration::from_secs(120),
+        &format!("{version} promoted once the checks pass"),
+        || async {
+            let s = mds.get(MODEL).await?.data["status"].clone();
+            Ok(s["stableVersion"] == json!(version) && s["stage"] == json!("Promoted"))
+        },
+    )
+    .await?;
+
     eprintln!(
         "figures: helm install → operator ready {:.1}s; → first recommendation through the Service {:.1}s; whole test {:.1}s",
         operator_ready.as_secs_f64(),

@@ -65,6 +65,8 @@ async fn main() -> anyhow::Result<()> {
     if have as u64 != args.events {
         load(&pool, args.events, now).await?;
     }
+    // Fresh statistics, as autovacuum keeps them (migration 0005's on the hour included).
+    sqlx::query("ANALYZE events").execute(&pool).await?;
     let at_ms: i64 = sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
         "SELECT max(occurred_at) FROM events",
     )
