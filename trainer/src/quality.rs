@@ -174,6 +174,15 @@ pub async fn check(
             )
         }
     };
+    if snapshot
+        && profile.malformed > 0
+        && let Input::File(path, format) = input
+        && let Err(e) = recsys_core::events::read_file(path, format)
+    {
+        // A job's input file that does not parse is bad input (exit 2, naming the line), as
+        // the job's own reader would say, not a gate.
+        return Err(ProfileError::Events(e).into());
+    }
     let mut results = quality::evaluate(&profile, args);
     if snapshot {
         for r in results
