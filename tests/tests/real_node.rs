@@ -548,6 +548,11 @@ async fn end_to_end(
         (vec![1, 1], 2),
         "exit 1 is retried up to maxAttempts"
     );
+    assert_eq!(
+        attempts_of("data-quality-strict"),
+        [3],
+        "a held gate exits 3 and is not retried"
+    );
     let failed_job = jobs
         .list(&ListParams::default().labels("recsys.io/batchjob=popularity-bad-window"))
         .await?
