@@ -2091,24 +2091,7 @@ impl Prometheus {
              scrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
             targets.join(", ")
         );
-        std::fs::write(dir.path().join("prometheus.yml"), config)?;
-        let port = free_port()?;
-        let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("prometheus (tests/env/up.sh installs Debian's package)")?;
+        let (child, port) = recsys_tests::monitoring::spawn_prometheus(dir.path(), &config)?;
         let me = Self {
             child,
             url: format!("http://127.0.0.1:{port}"),

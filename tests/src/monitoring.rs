@@ -78,24 +78,7 @@ impl Prometheus {
              rule_files: [{rules:?}]\n\
              scrape_configs:\n  - job_name: recsys\n    static_configs:\n      - targets: [\"{target_addr}\"]\n"
         );
-        std::fs::write(dir.path().join("prometheus.yml"), config)?;
-        let port = OwnRedis::free_port()?;
-        let log = std::fs::File::create(dir.path().join("prometheus.log"))?;
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting prometheus (tests/env/up.sh installs Debian's package)")?;
+        let (child, port) = spawn_prometheus(dir.path(), &config)?;
         let mut me = Self {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -206,4 +189,29 @@ fn percent_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Starts the `prometheus` binary (Debian's package, which `tests/env/up.sh` installs) with
+/// `config` as its configuration, its data and log (`prometheus.log`) under `dir`, on a free
+/// port of 127.0.0.1; returns the process and the port.
+pub fn spawn_prometheus(dir: &Path, config: &str) -> anyhow::Result<(Child, u16)> {
+    std::fs::write(dir.join("prometheus.yml"), config)?;
+    let port = OwnRedis::free_port()?;
+    let log = std::fs::File::create(dir.join("prometheus.log"))?;
+    let child = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting prometheus (tests/env/up.sh installs Debian's package)")?;
+    Ok((child, port))
 }

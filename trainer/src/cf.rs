@@ -309,21 +309,10 @@ pub struct TrainArgs {
     /// Write the run report (JSON) here, for the batch-job layer.
     #[arg(long, env = "RECSYS_REPORT_FILE")]
     pub report: Option<PathBuf>,
-    /// Thresholds of the checks run on the input before training: a failing blocking check
-    /// stops the run (exit code 3) before anything is trained or published.
+    /// The checks run on the input before training: a failing blocking check stops the run
+    /// (exit code 3) before anything is trained or published.
     #[command(flatten)]
-    pub checks: recsys_core::quality::QualityArgs,
-    /// Train without checking the input first (an escape hatch for a known, accepted
-    /// anomaly; the report then has no `inputChecks`).
-    #[arg(
-        long,
-        env = "RECSYS_SKIP_INPUT_CHECKS",
-        num_args = 0..=1,
-        default_value_t = false,
-        default_missing_value = "true",
-        action = clap::ArgAction::Set
-    )]
-    pub skip_input_checks: bool,
+    pub input: crate::quality::InputCheckArgs,
 }
 
 /// Options of `evaluate`.
@@ -467,7 +456,7 @@ async fn check_input(args: &TrainArgs) -> Result<recsys_core::quality::QualityRe
             "cf-train",
             Input::File(path, src.format),
             None,
-            &args.checks,
+            &args.input.checks,
             None,
             None,
         )
@@ -493,7 +482,7 @@ async fn check_input(args: &TrainArgs) -> Result<recsys_core::quality::QualityRe
                 "cf-train",
                 Input::Table(&pool),
                 at,
-                &args.checks,
+                &args.input.checks,
                 None,
                 None,
             )
@@ -617,7 +606,7 @@ pub async fn train(args: &TrainArgs) -> Result<Report, CfError> {
     let registry = Registry::new(store);
     recsys_core::artifacts::validate_model_name(&args.model_name)?;
 
-    let input_checks = if args.skip_input_checks {
+    let input_checks = if args.input.skip_input_checks {
         warn!("input checks skipped (--skip-input-checks)");
         None
     } else {

@@ -238,22 +238,12 @@ pub struct MaterializeArgs {
         value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|n| n as usize)
     )]
     pub rankings_top_n: usize,
-    /// Thresholds of the checks run on the input events before computing, and of the drift
-    /// checks of the new values (for definitions with `drift`). A version whose input or values
-    /// fail a blocking check is not published unless its `onQualityFailure` is `warn`.
+    /// The checks run on the input events before computing (the drift checks of the new
+    /// values, for definitions with `drift`, run even with `--skip-input-checks`). A version
+    /// whose input or values fail a blocking check is not published unless its
+    /// `onQualityFailure` is `warn`.
     #[command(flatten)]
-    pub checks: recsys_core::quality::QualityArgs,
-    /// Compute and publish without checking the input first (an escape hatch for a known,
-    /// accepted anomaly; drift checks still run).
-    #[arg(
-        long,
-        env = "RECSYS_SKIP_INPUT_CHECKS",
-        num_args = 0..=1,
-        default_value_t = false,
-        default_missing_value = "true",
-        action = clap::ArgAction::Set
-    )]
-    pub skip_input_checks: bool,
+    pub input: crate::quality::InputCheckArgs,
 }
 
 /// Options of `backfill`.
@@ -742,7 +732,7 @@ pub async fn materialize(
         ),
         Computation::Freshness | Computation::CategoryAffinity => None,
     };
-    let mut checks = if args.skip_input_checks {
+    let mut checks = if args.input.skip_input_checks {
         warn!("input checks skipped (--skip-input-checks)");
         None
     } else {
@@ -759,7 +749,7 @@ pub async fn materialize(
         // A file is a snapshot, judged at its newest event; the table at `at`.
         let at = matches!(input, crate::quality::Input::Table(_)).then_some(at_ms);
         Some(
-            crate::quality::check(computation.job(), input, at, &args.checks, None, None)
+            crate::quality::check(computation.job(), input, at, &args.input.checks, None, None)
                 .await
                 .map_err(|e| FeatureJobError::Quality(Box::new(e)))?,
         )
@@ -827,7 +817,7 @@ pub async fn materialize(
                 &feature,
                 p.computation.entity(),
                 at_ms,
-                args.checks.drift_reference.ms,
+                args.input.checks.drift_reference.ms,
             )
             .await?;
             let current = recsys_core::quality::drift::Sample::of(values.iter().map(|(_, v)| v));
@@ -836,7 +826,7 @@ pub async fn materialize(
                 thresholds,
                 &reference,
                 &current,
-                args.checks.drift_min_values,
+                args.input.checks.drift_min_values,
                 blocks,
             );
             for r in results.iter().filter(|r| r.verdict.is_violation()) {

@@ -325,8 +325,8 @@ mod tests {
                 Cli::try_parse_from(std::iter::once("recsys-trainer").chain(args.iter().copied()))
                     .unwrap_or_else(|e| panic!("{args:?}: {e}"));
             let got = match &cli.job {
-                Job::CfTrain(a) => a.skip_input_checks,
-                Job::Popularity(a) => a.skip_input_checks,
+                Job::CfTrain(a) => a.input.skip_input_checks,
+                Job::Popularity(a) => a.input.skip_input_checks,
                 Job::DataQuality(a) => a.no_drift,
                 other => panic!("{other:?}"),
             };

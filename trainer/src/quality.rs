@@ -60,6 +60,26 @@ pub struct DataQualityArgs {
     pub report: Option<PathBuf>,
 }
 
+/// The checks a job runs on its own input (`cf-train`, the feature jobs).
+#[derive(Args, Debug, Clone)]
+pub struct InputCheckArgs {
+    /// Thresholds.
+    #[command(flatten)]
+    pub checks: QualityArgs,
+    /// Run without checking the input first: an escape hatch for a known, accepted anomaly
+    /// (the report then has no `inputChecks`). `--skip-input-checks`, or `=true` as a BatchJob
+    /// parameter.
+    #[arg(
+        long,
+        env = "RECSYS_SKIP_INPUT_CHECKS",
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub skip_input_checks: bool,
+}
+
 /// Why a data-quality run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QualityJobError {
