@@ -537,6 +537,11 @@ fn validity(
         });
     let n_unknown: u64 = unknown.values().sum();
     let s = share(n_unknown, window_rows);
+    // The table counts unknown types together; their names come apart.
+    let named: BTreeMap<&str, u64> = match &p.unknown_types {
+        Some(names) => names.iter().map(|(t, n)| (t.as_str(), *n)).collect(),
+        None => unknown.clone(),
+    };
     out.push(
         new("validity.event_type", CheckType::Validity)
             .figures(s, args.max_invalid)
@@ -548,7 +553,7 @@ fn validity(
                     format!(
                         "{n_unknown} events ({}) have unknown types: {}",
                         pct(s),
-                        unknown
+                        named
                             .iter()
                             .take(5)
                             .map(|(t, n)| format!("{t:?} ×{n}"))

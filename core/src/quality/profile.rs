@@ -48,6 +48,10 @@ pub struct Bucket {
     pub future: u64,
 }
 
+/// The bucket label of a table's events of unknown types (their names are in
+/// [`EventProfile::unknown_types`]).
+pub const OTHER_TYPES: &str = "(unknown types)";
+
 /// Events for products not in the catalog, over the check window.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnknownProducts {
@@ -84,6 +88,9 @@ pub struct EventProfile {
     pub duplicates: Option<(u64, u64)>,
     /// Events for products missing from the catalog, when a catalog was given.
     pub unknown_products: Option<UnknownProducts>,
+    /// The unknown event types in the check window and their events, when counted apart
+    /// (the table: the buckets then hold them under [`OTHER_TYPES`]).
+    pub unknown_types: Option<Vec<(String, u64)>>,
     /// File lines that are not events.
     pub malformed: u64,
     /// The first such line's problem, with its line number.
@@ -170,9 +177,10 @@ fn catalog_table(name: &str) -> Result<String, ProfileError> {
 }
 
 type AggRow = (
-    Option<chrono::NaiveDateTime>,
-    Option<String>,
+    Option<DateTime<Utc>>,
     i64,
+    i64,
+    Vec<i64>,
     i64,
     i64,
     i64,
@@ -226,16 +234,29 @@ pub async fn postgres(
         "$4"
     };
     let future = format!("occurred_at > {ingested} + $5 * interval '1 millisecond'");
-    // The one pass: every per-event figure, grouped by hour and type. The SQL is built from
-    // two fixed spellings (with or without ingested_at); every value is bound. The hour is the
-    // expression migration 0005 keeps statistics on, so that the planner expects its few
-    // thousand groups (a parallel hash aggregate) rather than one per timestamp (a sort); JIT
-    // is off for it, since compiling the expressions cost more than evaluating them.
+    // The one pass: every per-event figure, grouped by hour (event types counted by filter,
+    // cheaper than grouping by them). The SQL is built from two fixed spellings (with or
+    // without ingested_at); every value is bound. The hour is the expression migration 0005
+    // keeps statistics on, so that the planner expects its few hundred groups (a parallel hash
+    // aggregate) rather than one per timestamp (a sort on disk); JIT is off for it, since
+    // compiling the expressions cost more than evaluating them.
+    let known = super::EVENT_TYPES
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let per_type = super::EVENT_TYPES
+        .iter()
+        .map(|t| format!("count(*) FILTER (WHERE event_type = '{t}')"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut tx = pool.begin().await?;
     sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
     let rows: Vec<AggRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT date_trunc('hour', occurred_at AT TIME ZONE 'UTC') AS hour, event_type,
+        "SELECT date_bin('1 hour', occurred_at, '2000-01-01 00:00:00+00') AS hour,
                 count(*),
+                count(*) FILTER (WHERE event_type IS NULL OR event_type = ''),
+                ARRAY[{per_type}],
                 count(*) FILTER (WHERE user_id IS NULL OR user_id = ''),
                 count(*) FILTER (WHERE product_id IS NULL OR product_id = ''),
                 count(*) FILTER (WHERE octet_length(event_id) > $3 OR octet_length(user_id) > $3
@@ -243,7 +264,7 @@ pub async fn postgres(
                 count(*) FILTER (WHERE {future}),
                 max(occurred_at)
          FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
-         GROUP BY 1, 2"
+         GROUP BY 1"
     )))
     .bind(ts(history_from_ms))
     .bind(seen_until)
@@ -252,6 +273,18 @@ pub async fn postgres(
     .bind(args.future_skew.ms as f64)
     .fetch_all(&mut *tx)
     .await?;
+    // The names of unknown types, over the check window only (through the index).
+    let unknown: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT event_type, count(*) FROM events
+         WHERE occurred_at >= $1 AND occurred_at <= $2 AND event_type <> ''
+           AND event_type NOT IN ({known})
+         GROUP BY 1 ORDER BY 2 DESC LIMIT 20"
+    )))
+    .bind(ts(at_ms - args.check_window.ms))
+    .bind(seen_until)
+    .fetch_all(&mut *tx)
+    .await?;
+    p.unknown_types = Some(unknown.into_iter().map(|(t, n)| (t, n as u64)).collect());
     // Events dated after `at` that are future-dated: normally none, found through the
     // `occurred_at` index.
     let later_future: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -264,17 +297,40 @@ pub async fn postgres(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    for (hour, event_type, n, mu, mp, long, future, newest) in rows {
+    for (hour, n, no_type, types, mu, mp, long, future, newest) in rows {
         p.newest_ms = p.newest_ms.max(newest.map(|t| t.timestamp_millis()));
+        let hour = hour.map(|h| h.timestamp_millis().div_euclid(HOUR_MS));
+        let known: i64 = types.iter().sum();
+        // One bucket per hour carries the hour's per-event figures (with the events that have
+        // no type); the others its counts per type.
         p.buckets.push(Bucket {
-            hour: hour.map(|h| h.and_utc().timestamp_millis().div_euclid(HOUR_MS)),
-            event_type,
-            rows: n as u64,
+            hour,
+            event_type: None,
+            rows: no_type as u64,
             missing_user: mu as u64,
             missing_product: mp as u64,
             long_ids: long as u64,
             future: future as u64,
         });
+        for (t, c) in super::EVENT_TYPES.iter().zip(&types) {
+            if *c > 0 {
+                p.buckets.push(Bucket {
+                    hour,
+                    event_type: Some((*t).to_owned()),
+                    rows: *c as u64,
+                    ..Default::default()
+                });
+            }
+        }
+        let other = n - known - no_type;
+        if other > 0 {
+            p.buckets.push(Bucket {
+                hour,
+                event_type: Some(OTHER_TYPES.to_owned()),
+                rows: other as u64,
+                ..Default::default()
+            });
+        }
     }
     if later_future > 0 {
         p.buckets.push(Bucket {
