@@ -185,7 +185,6 @@ type AggRow = (
     i64,
     i64,
     i64,
-    Option<DateTime<Utc>>,
 );
 
 /// Profiles the Postgres `events` table at `at_ms`; `catalog` names a table with a
@@ -261,8 +260,7 @@ pub async fn postgres(
                 count(*) FILTER (WHERE product_id IS NULL OR product_id = ''),
                 count(*) FILTER (WHERE octet_length(event_id) > $3 OR octet_length(user_id) > $3
                                     OR octet_length(product_id) > $3),
-                count(*) FILTER (WHERE {future}),
-                max(occurred_at)
+                count(*) FILTER (WHERE {future})
          FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
          GROUP BY 1"
     )))
@@ -297,8 +295,7 @@ pub async fn postgres(
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    for (hour, n, no_type, types, mu, mp, long, future, newest) in rows {
-        p.newest_ms = p.newest_ms.max(newest.map(|t| t.timestamp_millis()));
+    for (hour, n, no_type, types, mu, mp, long, future) in rows {
         let hour = hour.map(|h| h.timestamp_millis().div_euclid(HOUR_MS));
         let known: i64 = types.iter().sum();
         // One bucket per hour carries the hour's per-event figures (with the events that have
@@ -338,15 +335,14 @@ pub async fn postgres(
             ..Default::default()
         });
     }
-    if p.newest_ms.is_none() {
-        // Nothing in the history window: the newest event is older (one index lookup).
-        let newest: Option<DateTime<Utc>> =
-            sqlx::query_scalar("SELECT max(occurred_at) FROM events WHERE occurred_at <= $1")
-                .bind(seen_until)
-                .fetch_one(pool)
-                .await?;
-        p.newest_ms = newest.map(|t| t.timestamp_millis());
-    }
+    // The newest event up to now plus the clock skew (one index lookup): an event a few
+    // seconds after `--at` is on time, not late.
+    let newest: Option<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT max(occurred_at) FROM events WHERE occurred_at <= $1")
+            .bind(ts(at_ms + args.future_skew.ms))
+            .fetch_one(pool)
+            .await?;
+    p.newest_ms = newest.map(|t| t.timestamp_millis());
     p.missing_time =
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE occurred_at IS NULL")
             .fetch_one(pool)
