@@ -811,11 +811,16 @@ pub async fn materialize(
         }
         // Drift of the new values against the feature's earlier materializations.
         if let Some(thresholds) = &p.feature.spec.drift {
-            let reference = recsys_core::quality::drift::reference(
+            let times = recsys_core::quality::drift::materialization_times(
                 stores.registry.as_ref(),
+                &feature,
+            )
+            .await?;
+            let reference = recsys_core::quality::drift::reference(
                 stores.offline.as_ref(),
                 &feature,
                 p.computation.entity(),
+                &times,
                 at_ms,
                 args.input.checks.drift_reference.ms,
             )

@@ -16,9 +16,7 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use recsys_core::events::FileFormat;
 use recsys_core::quality::profile::{self, ProfileError};
-use recsys_core::quality::{
-    self, CheckResult, CheckType, DriftError, QualityArgs, QualityReport, Verdict,
-};
+use recsys_core::quality::{self, CheckType, DriftError, QualityArgs, QualityReport, Verdict};
 use sqlx::PgPool;
 use tracing::{info, warn};
 
@@ -329,9 +327,4 @@ pub async fn data_quality(args: &DataQualityArgs) -> Result<QualityReport, Quali
     }
     gate(&report)?;
     Ok(report)
-}
-
-/// The results of `report` that failed, for a job's own report.
-pub fn failures(report: &QualityReport) -> Vec<CheckResult> {
-    report.failures().cloned().collect()
 }

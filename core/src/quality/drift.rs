@@ -256,22 +256,34 @@ pub async fn values_at(
         .collect())
 }
 
-/// The reference sample of a feature version before `before_ms`: the values of up to
-/// [`MAX_REFERENCE_RUNS`] of its materializations in `[before_ms − window_ms, before_ms)`,
-/// spread over the window, pooled.
-pub async fn reference(
+/// The times (ms) of a feature version's materializations, newest first, as the registry
+/// records them.
+pub async fn materialization_times(
     registry: &dyn crate::features::registry::FeatureRegistry,
-    offline: &dyn crate::features::offline::OfflineStore,
     feature: &crate::features::FeatureRef,
-    kind: crate::features::EntityKind,
-    before_ms: i64,
-    window_ms: i64,
-) -> Result<Sample, super::DriftError> {
-    let runs: Vec<i64> = registry
+) -> Result<Vec<i64>, super::DriftError> {
+    Ok(registry
         .materializations(feature, 1000)
         .await?
         .into_iter()
         .map(|m| m.at_ms)
+        .collect())
+}
+
+/// The reference sample of a feature version before `before_ms`: the values of up to
+/// [`MAX_REFERENCE_RUNS`] of its materializations (`times`, from [`materialization_times`]) in
+/// `[before_ms − window_ms, before_ms)`, spread over the window, pooled.
+pub async fn reference(
+    offline: &dyn crate::features::offline::OfflineStore,
+    feature: &crate::features::FeatureRef,
+    kind: crate::features::EntityKind,
+    times: &[i64],
+    before_ms: i64,
+    window_ms: i64,
+) -> Result<Sample, super::DriftError> {
+    let runs: Vec<i64> = times
+        .iter()
+        .copied()
         .filter(|at| *at < before_ms && *at >= before_ms - window_ms)
         .collect();
     let step = runs.len().div_ceil(MAX_REFERENCE_RUNS).max(1);

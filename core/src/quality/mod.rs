@@ -765,12 +765,8 @@ pub async fn feature_drift(
         let feature = f.feature_ref();
         let target = drift::target(&feature);
         let blocks = args.blocks("drift", CheckType::Drift);
-        let latest = registry
-            .materializations(&feature, 1000)
-            .await?
-            .into_iter()
-            .map(|m| m.at_ms)
-            .find(|at| *at <= at_ms);
+        let times = drift::materialization_times(registry, &feature).await?;
+        let latest = times.iter().copied().find(|at| *at <= at_ms);
         let Some(latest) = latest else {
             let mut r = CheckResult::new("drift", CheckType::Drift, &target);
             r.blocking = blocks;
@@ -780,10 +776,10 @@ pub async fn feature_drift(
         let kind = f.spec.entity;
         let current = drift::Sample::of(&drift::values_at(offline, &feature, kind, latest).await?);
         let reference = drift::reference(
-            registry,
             offline,
             &feature,
             kind,
+            &times,
             latest,
             args.drift_reference.ms,
         )
