@@ -1,10 +1,11 @@
 //! The profile of an event source: everything the event checks judge, gathered in one pass.
 //!
-//! - The Postgres `events` table: the columns from `information_schema`, then **one**
-//!   aggregate over the history window grouped by hour and event type (rows, missing fields,
-//!   over-long ids, future times, the newest time), plus two small queries over the check
-//!   window through the `occurred_at` index (duplicates, and products missing from the
-//!   catalog when one is named) and an index lookup of rows without a time.
+//! - The Postgres `events` table: the columns from `information_schema`, then **one** grouped
+//!   pass over the check window through the `occurred_at` index (rows, duplicates, missing
+//!   fields, over-long ids, future times per hour and type), and the volume history's counts
+//!   per hour and type from the `events_hourly` rollup the database keeps (migration 0006),
+//!   checked against the window's events; index lookups for the newest event, rows without a
+//!   time and, when a catalog is named, products missing from it.
 //! - An events file: read once, leniently: a line that is not an event is counted (the file's
 //!   schema check), a missing field is counted (completeness), and reading goes on.
 
@@ -91,6 +92,8 @@ pub struct EventProfile {
     /// The unknown event types in the check window and their events, when counted apart
     /// (the table: the buckets then hold them under [`OTHER_TYPES`]).
     pub unknown_types: Option<Vec<(String, u64)>>,
+    /// Where the volume history was read from.
+    pub history_source: HistorySource,
     /// File lines that are not events.
     pub malformed: u64,
     /// The first such line's problem, with its line number.
@@ -176,19 +179,37 @@ fn catalog_table(name: &str) -> Result<String, ProfileError> {
         .join("."))
 }
 
-type AggRow = (
-    Option<DateTime<Utc>>,
-    i64,
-    i64,
-    Vec<i64>,
-    i64,
-    i64,
-    i64,
-    i64,
-);
+/// Where the volume history (the hours before the check window) was read from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum HistorySource {
+    /// Not read (a file, or a table without its required columns).
+    #[default]
+    None,
+    /// The `events_hourly` rollup, checked against the events of the check window.
+    Rollup,
+    /// The events themselves, because the rollup could not be used (why).
+    Scanned(String),
+}
+
+type WindowRow = (DateTime<Utc>, Option<String>, i64, i64, i64, i64, i64, i64);
+
+/// Counts per `(hour index, type label)`; the label as [`Bucket::event_type`] has it.
+type HourCounts = BTreeMap<(i64, Option<String>), u64>;
+
+/// The rollup's (or the scan's) label of a stored type: `None` when missing.
+fn label(stored: String) -> Option<String> {
+    (!stored.is_empty()).then_some(stored)
+}
 
 /// Profiles the Postgres `events` table at `at_ms`; `catalog` names a table with a
 /// `product_id` column.
+///
+/// The check window (rounded down to its first whole hour) is read event by event, in one
+/// grouped pass through the `occurred_at` index: every per-event figure and the duplicates. The
+/// hours before it only need their counts per event type (the volume baseline); they come from
+/// the `events_hourly` rollup that triggers keep (migration 0006), after its hours inside the
+/// window have been found equal to the events'. When the rollup is marked invalid or differs,
+/// the history is counted from the events and the rollup rebuilt.
 pub async fn postgres(
     pool: &PgPool,
     at_ms: i64,
@@ -220,7 +241,7 @@ pub async fn postgres(
     }
     // As of `at`: events up to `at` are seen (a later one has not happened yet). An event
     // dated more than the skew after the time it was ingested (or after the real now) is
-    // future-dated, and counted whenever it is dated.
+    // future-dated.
     let seen_until = ts(at_ms);
     let now = Utc::now();
     let has_ingested = p
@@ -233,58 +254,54 @@ pub async fn postgres(
         "$4"
     };
     let future = format!("occurred_at > {ingested} + $5 * interval '1 millisecond'");
-    // The one pass: every per-event figure, grouped by hour (event types counted by filter,
-    // cheaper than grouping by them). The SQL is built from two fixed spellings (with or
-    // without ingested_at); every value is bound. The hour is the expression migration 0005
-    // keeps statistics on, so that the planner expects its few hundred groups (a parallel hash
-    // aggregate) rather than one per timestamp (a sort on disk); JIT is off for it, since
-    // compiling the expressions cost more than evaluating them.
     let known = super::EVENT_TYPES
         .iter()
         .map(|t| format!("'{t}'"))
         .collect::<Vec<_>>()
         .join(", ");
-    let per_type = super::EVENT_TYPES
-        .iter()
-        .map(|t| format!("count(*) FILTER (WHERE event_type = '{t}')"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // The same labels as the rollup's `recsys_events_hour_label` (spelled out here, so that a
+    // table without migration 0006 can still be profiled).
+    let label_sql = format!(
+        "CASE WHEN event_type IS NULL OR event_type = '' THEN ''
+              WHEN event_type IN ({known}) THEN event_type ELSE '{OTHER_TYPES}' END"
+    );
+    let window_from_ms = (at_ms - args.check_window.ms).div_euclid(HOUR_MS) * HOUR_MS;
+    let history_from = history_from_ms.div_euclid(HOUR_MS) * HOUR_MS;
+    let at_hour_ms = at_ms.div_euclid(HOUR_MS) * HOUR_MS;
+    // One snapshot for the window, the rollup and the history: a batch committed meanwhile is
+    // in all of them or in none (the triggers keep the rollup in the writer's transaction).
     let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
-    let rows: Vec<AggRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT date_bin('1 hour', occurred_at, '2000-01-01 00:00:00+00') AS hour,
-                count(*),
-                count(*) FILTER (WHERE event_type IS NULL OR event_type = ''),
-                ARRAY[{per_type}],
-                count(*) FILTER (WHERE user_id IS NULL OR user_id = ''),
-                count(*) FILTER (WHERE product_id IS NULL OR product_id = ''),
-                count(*) FILTER (WHERE octet_length(event_id) > $3 OR octet_length(user_id) > $3
-                                    OR octet_length(product_id) > $3),
-                count(*) FILTER (WHERE {future})
-         FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
-         GROUP BY 1"
+    // The window, event by event: grouped by everything a duplicate shares (a hash aggregate
+    // through the index), then by hour and type label. The SQL is built from fixed spellings;
+    // every value is bound.
+    let rows: Vec<WindowRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT date_bin('1 hour', occurred_at, '2000-01-01 00:00:00+00'),
+                {label_sql},
+                sum(n)::bigint, sum(n - 1)::bigint, sum(mu)::bigint, sum(mp)::bigint,
+                sum(long)::bigint, sum(fut)::bigint
+         FROM (SELECT occurred_at, event_type, count(*) AS n,
+                      count(*) FILTER (WHERE user_id IS NULL OR user_id = '') AS mu,
+                      count(*) FILTER (WHERE product_id IS NULL OR product_id = '') AS mp,
+                      count(*) FILTER (WHERE octet_length(event_id) > $3
+                                          OR octet_length(user_id) > $3
+                                          OR octet_length(product_id) > $3) AS long,
+                      count(*) FILTER (WHERE {future}) AS fut
+               FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
+               GROUP BY user_id, product_id, event_type, occurred_at) d
+         GROUP BY 1, 2"
     )))
-    .bind(ts(history_from_ms))
+    .bind(ts(window_from_ms))
     .bind(seen_until)
     .bind(i32::try_from(args.max_id_bytes).unwrap_or(i32::MAX))
     .bind(now)
     .bind(args.future_skew.ms as f64)
     .fetch_all(&mut *tx)
     .await?;
-    // The names of unknown types, over the check window only (through the index).
-    let unknown: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT event_type, count(*) FROM events
-         WHERE occurred_at >= $1 AND occurred_at <= $2 AND event_type <> ''
-           AND event_type NOT IN ({known})
-         GROUP BY 1 ORDER BY 2 DESC LIMIT 20"
-    )))
-    .bind(ts(at_ms - args.check_window.ms))
-    .bind(seen_until)
-    .fetch_all(&mut *tx)
-    .await?;
-    p.unknown_types = Some(unknown.into_iter().map(|(t, n)| (t, n as u64)).collect());
-    // Events dated after `at` that are future-dated: normally none, found through the
-    // `occurred_at` index.
+    // Events dated after `at` that are future-dated: normally none, found through the index.
     let later_future: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT count(*) FROM events WHERE occurred_at > $1 AND {future}",
         future = future.replace("$4", "$2").replace("$5", "$3")
@@ -294,47 +311,131 @@ pub async fn postgres(
     .bind(args.future_skew.ms as f64)
     .fetch_one(&mut *tx)
     .await?;
-    tx.commit().await?;
-    for (hour, n, no_type, types, mu, mp, long, future) in rows {
-        let hour = hour.map(|h| h.timestamp_millis().div_euclid(HOUR_MS));
-        let known: i64 = types.iter().sum();
-        // One bucket per hour carries the hour's per-event figures (with the events that have
-        // no type); the others its counts per type.
+    let mut window = HourCounts::new();
+    let (mut window_rows, mut duplicates) = (0u64, 0u64);
+    for (hour, stored, n, dups, mu, mp, long, fut) in rows {
+        let hour = hour.timestamp_millis().div_euclid(HOUR_MS);
+        let event_type = label(stored.unwrap_or_default());
+        *window.entry((hour, event_type.clone())).or_default() += n as u64;
+        window_rows += n as u64;
+        duplicates += dups.max(0) as u64;
         p.buckets.push(Bucket {
-            hour,
-            event_type: None,
-            rows: no_type as u64,
+            hour: Some(hour),
+            event_type,
+            rows: n as u64,
             missing_user: mu as u64,
             missing_product: mp as u64,
             long_ids: long as u64,
-            future: future as u64,
+            future: fut as u64,
         });
-        for (t, c) in super::EVENT_TYPES.iter().zip(&types) {
-            if *c > 0 {
-                p.buckets.push(Bucket {
-                    hour,
-                    event_type: Some((*t).to_owned()),
-                    rows: *c as u64,
-                    ..Default::default()
-                });
-            }
-        }
-        let other = n - known - no_type;
-        if other > 0 {
-            p.buckets.push(Bucket {
-                hour,
-                event_type: Some(OTHER_TYPES.to_owned()),
-                rows: other as u64,
-                ..Default::default()
-            });
-        }
     }
+    p.duplicates = Some((duplicates, window_rows));
     if later_future > 0 {
         p.buckets.push(Bucket {
             future: later_future as u64,
             ..Default::default()
         });
     }
+    // The history: the rollup's hours before the window, once its whole hours inside the
+    // window match the events.
+    let rollup = rollup_counts(&mut tx, history_from, at_hour_ms).await?;
+    let (history, source) = match rollup {
+        Err(why) => (None, HistorySource::Scanned(why)),
+        Ok(counts) => {
+            let inside = |h: i64| (window_from_ms / HOUR_MS..at_hour_ms / HOUR_MS).contains(&h);
+            let theirs: HourCounts = counts
+                .iter()
+                .filter(|((h, _), n)| inside(*h) && **n != 0)
+                .map(|(k, n)| (k.clone(), *n))
+                .collect();
+            let ours: HourCounts = window
+                .iter()
+                .filter(|((h, _), _)| inside(*h))
+                .map(|(k, n)| (k.clone(), *n))
+                .collect();
+            if theirs == ours {
+                (Some(counts), HistorySource::Rollup)
+            } else {
+                let diff = theirs
+                    .keys()
+                    .chain(ours.keys())
+                    .find(|k| theirs.get(*k) != ours.get(*k))
+                    .map(|k| {
+                        format!(
+                            "{} {} events in the hour from {} where the events have {}",
+                            theirs.get(k).copied().unwrap_or(0),
+                            k.1.as_deref().unwrap_or("untyped"),
+                            ts(k.0 * HOUR_MS).to_rfc3339(),
+                            ours.get(k).copied().unwrap_or(0)
+                        )
+                    })
+                    .unwrap_or_default();
+                (
+                    None,
+                    HistorySource::Scanned(format!("the rollup differs from the events: {diff}")),
+                )
+            }
+        }
+    };
+    let history = match history {
+        Some(h) => h,
+        None => {
+            let scanned: Vec<(DateTime<Utc>, String, i64)> =
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT date_bin('1 hour', occurred_at, '2000-01-01 00:00:00+00'),
+                            {label_sql}, count(*)
+                     FROM events WHERE occurred_at >= $1 AND occurred_at < $2 GROUP BY 1, 2"
+                )))
+                .bind(ts(history_from))
+                .bind(ts(window_from_ms))
+                .fetch_all(&mut *tx)
+                .await?;
+            scanned
+                .into_iter()
+                .map(|(h, t, n)| {
+                    (
+                        (h.timestamp_millis().div_euclid(HOUR_MS), label(t)),
+                        n as u64,
+                    )
+                })
+                .collect()
+        }
+    };
+    let unknown_in_window = window
+        .keys()
+        .any(|(_, t)| t.as_deref() == Some(OTHER_TYPES));
+    if unknown_in_window {
+        // Their names, over the check window only (through the index).
+        let unknown: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT event_type, count(*) FROM events
+             WHERE occurred_at >= $1 AND occurred_at <= $2 AND event_type <> ''
+               AND event_type NOT IN ({known})
+             GROUP BY 1 ORDER BY 2 DESC LIMIT 20"
+        )))
+        .bind(ts(window_from_ms))
+        .bind(seen_until)
+        .fetch_all(&mut *tx)
+        .await?;
+        p.unknown_types = Some(unknown.into_iter().map(|(t, n)| (t, n as u64)).collect());
+    } else {
+        p.unknown_types = Some(vec![]);
+    }
+    tx.commit().await?;
+    for ((hour, event_type), rows) in history {
+        if rows > 0 && hour * HOUR_MS < window_from_ms && hour * HOUR_MS >= history_from {
+            p.buckets.push(Bucket {
+                hour: Some(hour),
+                event_type,
+                rows,
+                ..Default::default()
+            });
+        }
+    }
+    if let HistorySource::Scanned(why) = &source {
+        tracing::warn!(reason = %why, "volume history counted from the events; rebuilding the events_hourly rollup");
+        rebuild_rollup(pool).await;
+    }
+    p.history_source = source;
     // The newest event up to now plus the clock skew (one index lookup): an event a few
     // seconds after `--at` is on time, not late.
     let newest: Option<DateTime<Utc>> =
@@ -347,18 +448,6 @@ pub async fn postgres(
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM events WHERE occurred_at IS NULL")
             .fetch_one(pool)
             .await? as u64;
-    let (from, to) = (ts(at_ms - args.check_window.ms), ts(at_ms));
-    // Grouped (a hash aggregate), not count(DISTINCT …) (a sort).
-    let (rows, duplicates): (i64, i64) = sqlx::query_as(
-        "SELECT coalesce(sum(n), 0)::bigint, coalesce(sum(n - 1), 0)::bigint FROM (
-           SELECT count(*) AS n FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
-           GROUP BY user_id, product_id, event_type, occurred_at) d",
-    )
-    .bind(from)
-    .bind(to)
-    .fetch_one(pool)
-    .await?;
-    p.duplicates = Some((duplicates.max(0) as u64, rows as u64));
     if let Some(name) = catalog {
         let table = catalog_table(name)?;
         let (unknown, products, example): (i64, i64, Option<String>) =
@@ -368,8 +457,8 @@ pub async fn postgres(
                  WHERE e.occurred_at >= $1 AND e.occurred_at <= $2
                    AND NOT EXISTS (SELECT 1 FROM {table} c WHERE c.product_id = e.product_id)"
             )))
-        .bind(from)
-        .bind(to)
+        .bind(ts(window_from_ms))
+        .bind(seen_until)
         .fetch_one(pool)
         .await
         .map_err(|e| match e {
@@ -381,12 +470,81 @@ pub async fn postgres(
         })?;
         p.unknown_products = Some(UnknownProducts {
             unknown: unknown as u64,
-            rows: rows as u64,
+            rows: window_rows,
             products: products as u64,
             example,
         });
     }
     Ok(p)
+}
+
+/// The rollup's counts per hour and type label over `[from, to)` (ms), or why it cannot be
+/// used.
+async fn rollup_counts(
+    tx: &mut sqlx::PgConnection,
+    from: i64,
+    to: i64,
+) -> Result<Result<HourCounts, String>, sqlx::Error> {
+    let state: Option<(bool, Option<String>)> = sqlx::query_as(
+        "SELECT s.valid, s.reason FROM events_hourly_state s
+         WHERE to_regclass('events_hourly') IS NOT NULL",
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .or_else(|e| match e {
+        // No migration 0006 (a table made by hand): no rollup.
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
+        e => Err(e),
+    })?;
+    match state {
+        None => return Ok(Err("no events_hourly rollup (migration 0006)".into())),
+        Some((false, reason)) => {
+            return Ok(Err(format!(
+                "the rollup was marked invalid: {}",
+                reason.unwrap_or_default()
+            )));
+        }
+        Some((true, _)) => {}
+    }
+    let rows: Vec<(DateTime<Utc>, String, i64)> = sqlx::query_as(
+        "SELECT hour, event_type, sum(events)::bigint FROM events_hourly
+         WHERE hour >= $1 AND hour < $2 GROUP BY 1, 2",
+    )
+    .bind(ts(from))
+    .bind(ts(to))
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(Ok(rows
+        .into_iter()
+        .map(|(h, t, n)| {
+            (
+                (h.timestamp_millis().div_euclid(HOUR_MS), label(t)),
+                n.max(0) as u64,
+            )
+        })
+        .collect()))
+}
+
+/// Rebuilds the rollup (holding writers off for one pass), waiting at most 5 s for the lock; a
+/// failure is logged, and the next run scans again.
+async fn rebuild_rollup(pool: &PgPool) {
+    let run = async {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *tx)
+            .await?;
+        let hours: i64 = sqlx::query_scalar("SELECT recsys_events_hourly_rebuild()")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(hours)
+    };
+    match run.await {
+        Ok(rows) => tracing::info!(rows, "events_hourly rollup rebuilt"),
+        Err(e) => {
+            tracing::warn!(error = %e, "events_hourly rollup not rebuilt; the next run counts the history from the events again")
+        }
+    }
 }
 
 /// Reads a catalog file: one product id a line, or JSON lines with a `product_id` (or `id`).
