@@ -57,6 +57,13 @@ pub enum EventsError {
     /// A migration failed.
     #[error("postgres migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// Postgres refused the data itself (a data exception or a constraint, SQLSTATE classes 22
+    /// and 23): sending it again cannot succeed.
+    #[error("postgres refused the events: {message}")]
+    Rejected {
+        /// Postgres's message, with its SQLSTATE.
+        message: String,
+    },
     /// An event id is already stored for a different event.
     #[error(
         "event id {event_id:?} is already stored for a different event; event ids must be unique"
@@ -77,6 +84,7 @@ impl EventsError {
             Self::Postgres(_) => "EventsPostgres",
             Self::Migrate(_) => "EventsMigrate",
             Self::ConflictingEventId { .. } => "ConflictingEventId",
+            Self::Rejected { .. } => "EventsRejected",
         }
     }
 
@@ -380,6 +388,20 @@ pub async fn migrate(pool: &PgPool) -> Result<(), EventsError> {
     Ok(())
 }
 
+/// A Postgres error, as [`EventsError::Rejected`] when it is the data's fault (SQLSTATE class 22,
+/// data exception, or 23, integrity constraint): a retry of the same events cannot succeed.
+fn refused(e: sqlx::Error) -> EventsError {
+    if let sqlx::Error::Database(d) = &e
+        && let Some(code) = d.code()
+        && (code.starts_with("22") || code.starts_with("23"))
+    {
+        return EventsError::Rejected {
+            message: format!("{} (SQLSTATE {code})", d.message()),
+        };
+    }
+    e.into()
+}
+
 /// A row of the `events` table.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EventRow {
@@ -458,7 +480,8 @@ impl PostgresEvents {
         .bind(&values)
         .bind(&categories)
         .fetch_all(&mut *tx)
-        .await?;
+        .await
+        .map_err(refused)?;
         // Ids that were already stored must describe the same event; anything else is a
         // collision that would silently drop data, so the whole batch is refused.
         if inserted.len() < rows.len() {

@@ -24,10 +24,12 @@
 //! `/readyz` 503 naming the error) and the background refresh keeps trying; Redis down makes
 //! reads serve from the offline store, marked `fallback`.
 
+pub mod auth;
 pub mod features;
 pub mod metrics;
 pub mod models;
 pub mod recommend;
+pub mod serve;
 pub mod stores;
 
 use std::collections::BTreeMap;
@@ -85,6 +87,12 @@ pub struct Args {
     /// Recommendations and scores.
     #[command(flatten)]
     pub models: recommend::setup::ModelArgs,
+    /// Overload protection and shutdown.
+    #[command(flatten)]
+    pub serve: serve::ServeArgs,
+    /// Authentication and ingestion limits.
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
 }
 
 /// Options of feature serving.
@@ -182,17 +190,41 @@ pub struct AppState {
     features: Arc<FeatureService>,
     metrics: Arc<Metrics>,
     recommend: Option<recommend::routes::RecommendState>,
+    serve: serve::ServeArgs,
+    draining: serve::Draining,
+    auth: Arc<auth::Auth>,
 }
 
 impl AppState {
     /// The state of a scorer serving `features`; its metrics registered for `/metrics`.
     pub fn new(features: Arc<FeatureService>) -> Self {
         let metrics = Metrics::new(features.reader().metrics(), features.catalog_metrics());
+        let metrics_http = metrics.http.clone();
         Self {
             features,
             metrics: Arc::new(metrics),
             recommend: None,
+            serve: serve::ServeArgs::default(),
+            draining: serve::Draining::default(),
+            auth: Arc::new(auth::Auth::disabled(metrics_http.clone())),
         }
+    }
+
+    /// Checks callers with `auth` (nothing is checked otherwise).
+    pub fn with_auth(mut self, auth: Arc<auth::Auth>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Serves with these overload options (the defaults otherwise).
+    pub fn with_serve(mut self, args: &serve::ServeArgs) -> Self {
+        self.serve = args.clone();
+        self
+    }
+
+    /// Whether the scorer is shutting down (readiness fails once it is).
+    pub fn draining(&self) -> &serve::Draining {
+        &self.draining
     }
 
     /// Feature serving.
@@ -287,6 +319,12 @@ impl AppState {
             }
         };
         checks.insert("model", model);
+        if self.draining.is_draining() {
+            checks.insert(
+                "shutdown",
+                Check::failed("shutting down: finishing in-flight requests".into()),
+            );
+        }
         Readiness {
             ready: checks.values().all(|c| c.ok || !c.required),
             stores: self.features.description().to_owned(),
@@ -338,7 +376,8 @@ pub struct Readiness {
     pub ready: bool,
     /// The stores in use.
     pub stores: String,
-    /// Checks by name: `feature_catalog` (required), `online_store`, `model`.
+    /// Checks by name: `feature_catalog` (required), `online_store`, `model`, and `shutdown`
+    /// (failing) once the scorer is shutting down.
     pub checks: BTreeMap<&'static str, Check>,
 }
 
@@ -368,7 +407,12 @@ pub fn router(state: AppState) -> Router {
     }
     let api = api
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    let api = serve::protect(api, &state.serve, state.metrics.http.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::authenticate,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             track,
@@ -439,11 +483,22 @@ async fn track(State(metrics): State<Arc<Metrics>>, request: Request, next: Next
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = request.method().as_str().to_owned();
+    // Known methods by name, anything else as one label: a made-up method must not add a
+    // series.
+    let method = match *request.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::HEAD => "HEAD",
+        axum::http::Method::OPTIONS => "OPTIONS",
+        axum::http::Method::PATCH => "PATCH",
+        _ => "other",
+    };
     let response = next.run(request).await;
     metrics
         .http
-        .observe(&route, &method, response.status().as_u16(), started);
+        .observe(&route, method, response.status().as_u16(), started);
     response
 }
 
@@ -662,9 +717,16 @@ pub async fn start_all(args: &Args) -> Result<Scorer, ScorerError> {
     Ok(scorer)
 }
 
-/// Serves until Ctrl-C.
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully ([`serve`]).
 pub async fn run(args: Args) -> Result<(), ScorerError> {
-    let scorer = start_all(&args).await?;
+    args.serve.validate()?;
+    let mut scorer = start_all(&args).await?;
+    let auth = Arc::new(auth::Auth::new(
+        &args.auth,
+        scorer.state.metrics.http.clone(),
+    )?);
+    scorer.tasks.push(auth.spawn_reload());
+    scorer.state = scorer.state.clone().with_serve(&args.serve).with_auth(auth);
     let listener = tokio::net::TcpListener::bind(args.bind_address)
         .await
         .map_err(|source| ScorerError::Bind {
@@ -672,12 +734,7 @@ pub async fn run(args: Args) -> Result<(), ScorerError> {
             source,
         })?;
     tracing::info!(address = %args.bind_address, "serving");
-    axum::serve(listener, scorer.router())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .map_err(ScorerError::Serve)
+    serve::serve(listener, scorer, &args.serve, serve::shutdown_signal()).await
 }
 
 #[cfg(test)]

@@ -55,6 +55,12 @@ fn latency_histogram() -> Histogram {
 pub struct HttpMetrics {
     requests: Family<HttpLabels, Counter>,
     duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    rejected: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 impl Default for HttpMetrics {
@@ -62,6 +68,7 @@ impl Default for HttpMetrics {
         Self {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
+            rejected: Family::default(),
         }
     }
 }
@@ -79,6 +86,17 @@ impl HttpMetrics {
             "HTTP request latency, by route template",
             self.duration.clone(),
         );
+        registry.register(
+            "http_rejected_requests",
+            "API requests refused before a handler ran, by reason: overloaded, timeout, \
+             unauthenticated, forbidden, rate_limited",
+            self.rejected.clone(),
+        );
+    }
+
+    /// Counts a request refused for `reason` (one of a fixed set).
+    pub fn rejected(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// Records one answered request.

@@ -121,7 +121,7 @@ async fn recommendations_are_personal_beat_popularity_and_start_cold_users() -> 
     let topic0: Vec<usize> = (0..ITEMS)
         .filter(|i| data.item_topic[*i] == data.item_topic[0])
         .collect();
-    let event = |i: usize| json!({"user_id": "newcomer", "product_id": format!("p{}", topic0[i]), "event_type": "purchase"});
+    let event = |i: usize| json!({"user_id": "newcomer", "product_id": format!("p{}", topic0[i]), "event_type": "purchase", "timestamp": chrono::Utc::now().timestamp_millis() + i as i64});
     let (status, v) = http(
         addr,
         "POST",

@@ -16,8 +16,9 @@ use std::sync::Arc;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use recsys_core::events::{EventRow, parse_json_event};
 use recsys_core::features::online::http::ApiError;
 use recsys_core::serving::users::UserStates;
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use super::service::{Answer, RecommendRequest, Recommender};
+use crate::auth::Caller;
 use crate::features::routes::{HttpError, json_rejection};
 
 /// Longest wait for the experiment store while attributing an ingested batch.
@@ -154,9 +156,11 @@ async fn scores(
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {
     /// Events, each as a line of the JSON-lines events format: `user_id`, `product_id`,
-    /// `event_type`, `timestamp` (ms or RFC 3339; now when absent), optional `value`,
-    /// `event_id` (derived from the content when absent, so a retry is idempotent) and
-    /// `category`.
+    /// `event_type`, `timestamp` (ms or RFC 3339), `event_id`, optional `value` and
+    /// `category`. At least one of `timestamp` and `event_id` is required: without an id,
+    /// the id is derived from the content (time included), so a retry is the same event;
+    /// without a time, the event is dated on arrival. Ids are unique: the same id twice in a
+    /// batch must be the same event.
     pub events: Vec<serde_json::Value>,
 }
 
@@ -186,7 +190,18 @@ pub fn parse_events(values: &[serde_json::Value], now_ms: i64) -> Result<Vec<Eve
         .map(|(i, v)| {
             let (mut event, id, category) =
                 parse_json_event(&v.to_string()).map_err(|e| bad(format!("events[{i}]: {e}")))?;
-            let ts = *event.ts_ms.get_or_insert(now_ms);
+            // The id never depends on this server's clock: an event without an id is named by
+            // its content, time included, so a retry is the same event.
+            let ts = match (event.ts_ms, &id) {
+                (Some(ts), _) => ts,
+                (None, Some(_)) => *event.ts_ms.insert(now_ms),
+                (None, None) => {
+                    return Err(bad(format!(
+                        "events[{i}]: give a timestamp or an event_id: without either, a retry \
+                         could not be told from a new event"
+                    )));
+                }
+            };
             let event_id = id.unwrap_or_else(|| {
                 let mut h = Sha256::new();
                 for part in [
@@ -218,17 +233,25 @@ pub fn parse_events(values: &[serde_json::Value], now_ms: i64) -> Result<Vec<Eve
 #[utoipa::path(post, path = "/v1/events", tag = "recommendations",
     request_body = EventsRequest,
     responses((status = 202, body = EventsAccepted), (status = 400, body = ApiError),
-        (status = 503, body = ApiError)))]
+        (status = 401, body = ApiError), (status = 403, body = ApiError),
+        (status = 429, body = ApiError), (status = 503, body = ApiError)))]
 #[tracing::instrument(level = "debug", skip_all)]
 async fn events(
     State(s): State<RecommendState>,
+    caller: Option<Extension<Caller>>,
     body: Result<Json<EventsRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<EventsAccepted>), HttpError> {
-    let Json(req) = body.map_err(json_rejection)?;
-    let rows = parse_events(&req.events, recsys_core::features::online::now_ms())?;
+) -> Result<(StatusCode, Json<EventsAccepted>), Response> {
+    let Json(req) = body.map_err(|r| json_rejection(r).into_response())?;
+    let rows = parse_events(&req.events, recsys_core::features::online::now_ms())
+        .map_err(|e| HttpError(e).into_response())?;
+    if let Some(Extension(caller)) = &caller {
+        caller
+            .take(rows.len())
+            .map_err(IntoResponse::into_response)?;
+    }
     let report = s.users.record(&rows).await.map_err(|e| {
         let status = if e.is_outage() { 503 } else { 400 };
-        HttpError(ApiError::new(status, e.kind(), e.to_string()))
+        HttpError(ApiError::new(status, e.kind(), e.to_string())).into_response()
     })?;
     // Stored: attribution to the A/B readout's impressions is best effort, bounded in time.
     if let Some(x) = s.recommender.experiments()
@@ -287,18 +310,23 @@ mod tests {
     fn events_parse_with_derived_ids_and_name_the_bad_one() {
         let rows = parse_events(
             &[
-                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view"}),
-                serde_json::json!({"user_id": "u", "product_id": 7, "event_type": "purchase", "timestamp": 5, "event_id": "e1"}),
+                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view", "timestamp": 7}),
+                serde_json::json!({"user_id": "u", "product_id": 7, "event_type": "purchase", "event_id": "e1"}),
             ],
             1000,
         )
         .expect("parse");
-        assert_eq!(rows[0].event.ts_ms, Some(1000), "now when absent");
+        assert_eq!(
+            rows[1].event.ts_ms,
+            Some(1000),
+            "an event with an id is dated on arrival"
+        );
         assert!(rows[0].event_id.starts_with("api-"));
         assert_eq!(rows[1].event_id, "e1");
+        // A retry a second later has the same id: nothing in it comes from the clock.
         let again = parse_events(
-            &[serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view"})],
-            1000,
+            &[serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view", "timestamp": 7})],
+            2000,
         )
         .expect("parse");
         assert_eq!(
@@ -306,9 +334,20 @@ mod tests {
             "a retry has the same id"
         );
         let e = parse_events(
+            &[serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view"})],
+            1000,
+        )
+        .expect_err("neither a time nor an id");
+        assert!(
+            e.message
+                .starts_with("events[0]: give a timestamp or an event_id"),
+            "{}",
+            e.message
+        );
+        let e = parse_events(
             &[
-                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view"}),
-                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "teleport"}),
+                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "view", "timestamp": 1}),
+                serde_json::json!({"user_id": "u", "product_id": "p", "event_type": "teleport", "timestamp": 1}),
             ],
             0,
         )

@@ -17,9 +17,13 @@ use super::{Interaction, UserHistory, UserStateError, validate_user_id};
 pub const DEFAULT_PER_USER: usize = 500;
 
 /// Checks events before they are recorded: an event id, a valid user id, a product id, a
-/// time (history is ordered by it), a finite value, and a value for a rating. The error
-/// names the event's position and id.
+/// time (history is ordered by it), a finite value, a value for a rating, ids and category
+/// within [`crate::quality::MAX_ID_BYTES`] without NUL characters, and no event id given twice
+/// in the batch with different content (the same event twice is one event). The error names
+/// the event's position, its id and the field, and is the same whichever store records the
+/// batch.
 pub fn validate_events(events: &[EventRow]) -> Result<(), UserStateError> {
+    let mut first: HashMap<&str, usize> = HashMap::with_capacity(events.len());
     for (index, row) in events.iter().enumerate() {
         let bad = |reason: String| UserStateError::InvalidEvent {
             index,
@@ -28,30 +32,57 @@ pub fn validate_events(events: &[EventRow]) -> Result<(), UserStateError> {
         };
         let e = &row.event;
         if row.event_id.is_empty() {
-            return Err(bad("the event id is empty".into()));
+            return Err(bad("event_id: empty".into()));
         }
         if let Err(err) = validate_user_id(&e.user) {
-            return Err(bad(err.to_string()));
+            return Err(bad(format!("user_id: {err}")));
         }
         if e.item.is_empty() {
-            return Err(bad("the product id is empty".into()));
+            return Err(bad("product_id: empty".into()));
+        }
+        let limit = crate::quality::MAX_ID_BYTES;
+        for (field, text) in [
+            ("event_id", Some(row.event_id.as_str())),
+            ("product_id", Some(e.item.as_str())),
+            ("category", row.category.as_deref()),
+        ] {
+            let Some(text) = text else { continue };
+            if text.len() > limit {
+                return Err(bad(format!(
+                    "{field}: {} bytes, at most {limit}",
+                    text.len()
+                )));
+            }
+            if text.contains('\0') {
+                return Err(bad(format!("{field}: contains a NUL character")));
+            }
         }
         match e.ts_ms {
             None => {
                 return Err(bad(
-                    "no timestamp; a user's history is ordered by time".into()
+                    "timestamp: missing; a user's history is ordered by time".into(),
                 ));
             }
             Some(ms) if chrono::DateTime::from_timestamp_millis(ms).is_none() => {
-                return Err(bad(format!("timestamp {ms} ms is out of range")));
+                return Err(bad(format!("timestamp: {ms} ms is out of range")));
             }
             Some(_) => {}
         }
         if e.value.is_some_and(|v| !v.is_finite()) {
-            return Err(bad("the value is not finite".into()));
+            return Err(bad("value: not finite".into()));
         }
         if e.kind == EventType::Rating && e.value.is_none() {
-            return Err(bad("a rating needs a value".into()));
+            return Err(bad("value: a rating needs one".into()));
+        }
+        if let Some(&j) = first.get(row.event_id.as_str()) {
+            let other = &events[j];
+            if other.event != row.event || other.category != row.category {
+                return Err(bad(format!(
+                    "event_id: also the id of event {j}, a different event; an id names one event"
+                )));
+            }
+        } else {
+            first.insert(&row.event_id, index);
         }
     }
     Ok(())
@@ -451,13 +482,27 @@ mod tests {
         rating.event.value = None;
         let mut nan = row("e4", "u", "p", EventType::Rating, 1);
         nan.event.value = Some(f32::NAN);
+        let mut long_category = row("e5", "u", "p", EventType::View, 1);
+        long_category.category = Some("c".repeat(300));
+        let other = row("ok", "u", "p2", EventType::View, 1);
         for (bad, reason) in [
-            (row("", "u", "p", EventType::View, 1), "event id"),
-            (row("e1", "", "p", EventType::View, 1), "user id"),
-            (row("e1", "u", "", EventType::View, 1), "product id"),
-            (no_time, "timestamp"),
-            (rating, "rating needs a value"),
-            (nan, "not finite"),
+            (row("", "u", "p", EventType::View, 1), "event_id: empty"),
+            (row("e1", "", "p", EventType::View, 1), "user_id: "),
+            (row("e1", "u", "", EventType::View, 1), "product_id: empty"),
+            (no_time, "timestamp: missing"),
+            (rating, "value: a rating needs one"),
+            (nan, "value: not finite"),
+            (
+                row("e1", "u", "p\0", EventType::View, 1),
+                "product_id: contains a NUL",
+            ),
+            (
+                row(&"e".repeat(257), "u", "p", EventType::View, 1),
+                "event_id: 257 bytes, at most 256",
+            ),
+            (long_category, "category: 300 bytes"),
+            // The same id as event 0, another event.
+            (other, "event_id: also the id of event 0"),
         ] {
             let good = row("ok", "u", "p", EventType::View, 1);
             let e = h.record(&[good, bad]).await.expect_err(reason);

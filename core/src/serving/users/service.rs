@@ -159,6 +159,10 @@ pub struct UserStatesOptions {
     pub history_timeout: Duration,
     /// Longest wait for the invalidations of one batch of recorded events (default 500 ms).
     pub invalidation_timeout: Duration,
+    /// Longest wait for the history to record a batch of events (default 2 s); beyond it the
+    /// batch fails as an outage (whether it was stored is then unknown: a retry under the same
+    /// ids stores it once).
+    pub record_timeout: Duration,
     /// Consecutive failures (errors or timeouts) of the cache, or of the history, that open
     /// its circuit (default 3).
     pub failure_threshold: u32,
@@ -179,6 +183,7 @@ impl Default for UserStatesOptions {
             cache_timeout: Duration::from_millis(20),
             history_timeout: Duration::from_millis(250),
             invalidation_timeout: Duration::from_millis(500),
+            record_timeout: Duration::from_secs(2),
             failure_threshold: 3,
             cooldown: Duration::from_millis(500),
             max_cooldown: Duration::from_secs(5),
@@ -207,6 +212,7 @@ impl UserStatesOptions {
             ("cache_timeout", self.cache_timeout),
             ("history_timeout", self.history_timeout),
             ("invalidation_timeout", self.invalidation_timeout),
+            ("record_timeout", self.record_timeout),
             ("cooldown", self.cooldown),
         ] {
             if d.is_zero() {
@@ -434,7 +440,14 @@ impl UserStates {
             self.metrics.error(e.kind());
             return Err(e);
         }
-        let new = match self.history.record(events).await {
+        let recorded =
+            tokio::time::timeout(self.options.record_timeout, self.history.record(events))
+                .await
+                .unwrap_or(Err(UserStateError::Timeout {
+                    op: "events record",
+                    after: self.options.record_timeout,
+                }));
+        let new = match recorded {
             Ok(n) => n,
             Err(e) => {
                 self.metrics.error(e.kind());
@@ -841,6 +854,15 @@ pub struct UserStateArgs {
         value_parser = parse_duration
     )]
     pub history_timeout: Duration,
+    /// Longest wait for the store to record a batch of events; beyond it the request fails
+    /// with a retryable 503 (a retry is safe: event ids make it idempotent).
+    #[arg(
+        long = "events-record-timeout",
+        env = "RECSYS_EVENTS_RECORD_TIMEOUT",
+        default_value = "2s",
+        value_parser = parse_duration
+    )]
+    pub record_timeout: Duration,
 }
 
 impl UserStateArgs {
@@ -851,6 +873,7 @@ impl UserStateArgs {
             max_seen: self.seen_limit,
             cache_timeout: self.cache_timeout,
             history_timeout: self.history_timeout,
+            record_timeout: self.record_timeout,
             ..UserStatesOptions::default()
         }
     }
