@@ -702,8 +702,10 @@ pub async fn start(args: &FeatureArgs) -> Result<Scorer, ScorerError> {
 }
 
 /// Starts feature serving and recommendations: [`start`], then the model manager, user
-/// states, rankings and shadow scoring ([`recommend::setup`]).
+/// states, rankings and shadow scoring ([`recommend::setup`]), with authentication and
+/// overload protection as `args` say.
 pub async fn start_all(args: &Args) -> Result<Scorer, ScorerError> {
+    args.serve.validate()?;
     let mut scorer = start(&args.features).await?;
     let started = recommend::setup::start(
         &args.models,
@@ -714,19 +716,18 @@ pub async fn start_all(args: &Args) -> Result<Scorer, ScorerError> {
     .await?;
     scorer.state = scorer.state.clone().with_recommend(&started);
     scorer.tasks.extend(started.tasks);
-    Ok(scorer)
-}
-
-/// Serves until SIGTERM or SIGINT, then shuts down gracefully ([`serve`]).
-pub async fn run(args: Args) -> Result<(), ScorerError> {
-    args.serve.validate()?;
-    let mut scorer = start_all(&args).await?;
     let auth = Arc::new(auth::Auth::new(
         &args.auth,
         scorer.state.metrics.http.clone(),
     )?);
     scorer.tasks.push(auth.spawn_reload());
     scorer.state = scorer.state.clone().with_serve(&args.serve).with_auth(auth);
+    Ok(scorer)
+}
+
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully ([`serve`]).
+pub async fn run(args: Args) -> Result<(), ScorerError> {
+    let scorer = start_all(&args).await?;
     let listener = tokio::net::TcpListener::bind(args.bind_address)
         .await
         .map_err(|source| ScorerError::Bind {

@@ -317,6 +317,18 @@ pub async fn http_json(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> anyhow::Result<(u16, serde_json::Value)> {
+    let (status, _, v) = http_full(addr, method, path, &[], body).await?;
+    Ok((status, v))
+}
+
+/// [`http_json`] with request headers; also returns the answer's headers.
+pub async fn http_full(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<(u16, hyper::HeaderMap, serde_json::Value)> {
     use http_body_util::BodyExt as _;
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let (mut sender, conn) =
@@ -326,6 +338,9 @@ pub async fn http_json(
         .method(method)
         .uri(path)
         .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
     let body = match body {
         Some(b) => {
             req = req.header("content-type", "application/json");
@@ -337,11 +352,12 @@ pub async fn http_json(
         .send_request(req.body(http_body_util::Full::new(body))?)
         .await?;
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let bytes = resp.into_body().collect().await?.to_bytes();
     let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
         serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     });
-    Ok((status, v))
+    Ok((status, headers, v))
 }
 
 /// The value of the first line of a Prometheus text exposition that starts with

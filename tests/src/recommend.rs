@@ -216,7 +216,9 @@ pub async fn serve(
     let scorer = recsys_scorer::start_all(args).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let router = scorer.router();
+    let router = scorer
+        .router()
+        .into_make_service_with_connect_info::<SocketAddr>();
     tokio::spawn(async move { axum::serve(listener, router).await });
     wait_for(
         Duration::from_secs(30),
