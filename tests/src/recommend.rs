@@ -178,6 +178,20 @@ impl Fixture {
         redis_prefix: &str,
         extra: &[&str],
     ) -> anyhow::Result<recsys_scorer::Args> {
+        Ok(recsys_scorer::Args::try_parse_from(self.argv(
+            redis_url,
+            redis_prefix,
+            extra,
+        )?)?)
+    }
+
+    /// [`Self::args`] as a command line (the program name first), to run the binary.
+    pub fn argv(
+        &self,
+        redis_url: &str,
+        redis_prefix: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Vec<String>> {
         let mut argv = vec![
             "recsys-scorer",
             "--database-url",
@@ -196,7 +210,7 @@ impl Fixture {
             self.env.var("RECSYS_TEST_S3_REGION")?,
         ];
         argv.extend_from_slice(extra);
-        Ok(recsys_scorer::Args::try_parse_from(argv)?)
+        Ok(argv.into_iter().map(str::to_owned).collect())
     }
 
     /// Products `u` trained on, as ids.
