@@ -240,6 +240,25 @@ async fn the_profile_reads_the_rollup_and_rebuilds_it_when_it_differs() {
     );
     // The scanning run rebuilt it.
     assert_kept(&pool, "after the rebuild").await;
+    let (dups, rows) = from_rollup.duplicates.expect("duplicates counted");
+    assert_eq!(dups, 0, "the generated events have no duplicates");
+    assert!(rows > 0);
+    // Three copies of one event under new ids, and two events that only share a time.
+    sqlx::query(
+        "INSERT INTO events (event_id, user_id, product_id, event_type, occurred_at)
+         SELECT 'copy-' || g, user_id, product_id, event_type, occurred_at
+         FROM (SELECT * FROM events WHERE event_id = 'h-2-1') e, generate_series(1, 3) g
+         UNION ALL
+         SELECT 'same-time-' || g, 'other-' || g, 'p1', 'view', occurred_at
+         FROM (SELECT * FROM events WHERE event_id = 'h-2-2') e, generate_series(1, 2) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("duplicates");
+    let p = profile::postgres(&pool, at, &args, None)
+        .await
+        .expect("profile");
+    assert_eq!(p.duplicates.map(|d| d.0), Some(3), "three duplicates");
 
     // A rollup that drifted from the events (here: changed by hand, as a restore with triggers
     // off would leave it) is noticed in the check window's hours, and rebuilt.

@@ -1,8 +1,9 @@
 //! The profile of an event source: everything the event checks judge, gathered in one pass.
 //!
 //! - The Postgres `events` table: the columns from `information_schema`, then **one** grouped
-//!   pass over the check window through the `occurred_at` index (rows, duplicates, missing
-//!   fields, over-long ids, future times per hour and type), and the volume history's counts
+//!   pass over the check window through the `occurred_at` index (rows, missing fields,
+//!   over-long ids, future times per hour and type), the duplicates among the window's events
+//!   that share a time, and the volume history's counts
 //!   per hour and type from the `events_hourly` rollup the database keeps (migration 0006),
 //!   checked against the window's events; index lookups for the newest event, rows without a
 //!   time and, when a catalog is named, products missing from it.
@@ -191,7 +192,7 @@ pub enum HistorySource {
     Scanned(String),
 }
 
-type WindowRow = (DateTime<Utc>, Option<String>, i64, i64, i64, i64, i64, i64);
+type WindowRow = (DateTime<Utc>, Option<String>, i64, i64, i64, i64, i64);
 
 /// Counts per `(hour index, type label)`; the label as [`Bucket::event_type`] has it.
 type HourCounts = BTreeMap<(i64, Option<String>), u64>;
@@ -205,7 +206,8 @@ fn label(stored: String) -> Option<String> {
 /// `product_id` column.
 ///
 /// The check window (rounded down to its first whole hour) is read event by event, in one
-/// grouped pass through the `occurred_at` index: every per-event figure and the duplicates. The
+/// grouped pass through the `occurred_at` index (every per-event figure), and its duplicates
+/// are counted among the events that share a time. The
 /// hours before it only need their counts per event type (the volume baseline); they come from
 /// the `events_hourly` rollup that triggers keep (migration 0006), after its hours inside the
 /// window have been found equal to the events'. When the rollup is marked invalid or differs,
@@ -275,23 +277,21 @@ pub async fn postgres(
         .execute(&mut *tx)
         .await?;
     sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
-    // The window, event by event: grouped by everything a duplicate shares (a hash aggregate
-    // through the index), then by hour and type label. The SQL is built from fixed spellings;
-    // every value is bound.
+    sqlx::query("SET LOCAL work_mem = '64MB'")
+        .execute(&mut *tx)
+        .await?;
+    // The window, event by event, in one grouped pass (parallel, through the index). The SQL
+    // is built from fixed spellings; every value is bound.
     let rows: Vec<WindowRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT date_bin('1 hour', occurred_at, '2000-01-01 00:00:00+00'),
                 {label_sql},
-                sum(n)::bigint, sum(n - 1)::bigint, sum(mu)::bigint, sum(mp)::bigint,
-                sum(long)::bigint, sum(fut)::bigint
-         FROM (SELECT occurred_at, event_type, count(*) AS n,
-                      count(*) FILTER (WHERE user_id IS NULL OR user_id = '') AS mu,
-                      count(*) FILTER (WHERE product_id IS NULL OR product_id = '') AS mp,
-                      count(*) FILTER (WHERE octet_length(event_id) > $3
-                                          OR octet_length(user_id) > $3
-                                          OR octet_length(product_id) > $3) AS long,
-                      count(*) FILTER (WHERE {future}) AS fut
-               FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
-               GROUP BY user_id, product_id, event_type, occurred_at) d
+                count(*),
+                count(*) FILTER (WHERE user_id IS NULL OR user_id = ''),
+                count(*) FILTER (WHERE product_id IS NULL OR product_id = ''),
+                count(*) FILTER (WHERE octet_length(event_id) > $3 OR octet_length(user_id) > $3
+                                    OR octet_length(product_id) > $3),
+                count(*) FILTER (WHERE {future})
+         FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
          GROUP BY 1, 2"
     )))
     .bind(ts(window_from_ms))
@@ -300,6 +300,21 @@ pub async fn postgres(
     .bind(now)
     .bind(args.future_skew.ms as f64)
     .fetch_all(&mut *tx)
+    .await?;
+    // Duplicates share their time: only the times two events share (found by a streaming
+    // group over the index) are grouped by everything a duplicate shares. Grouping every event
+    // of the window that way would cost more than the rest of the profile together.
+    let duplicates: i64 = sqlx::query_scalar(
+        "WITH shared AS MATERIALIZED (
+             SELECT occurred_at FROM events WHERE occurred_at >= $1 AND occurred_at <= $2
+             GROUP BY occurred_at HAVING count(*) > 1)
+         SELECT coalesce(sum(n - 1), 0)::bigint FROM (
+             SELECT count(*) AS n FROM events e JOIN shared s ON s.occurred_at = e.occurred_at
+             GROUP BY e.occurred_at, e.user_id, e.product_id, e.event_type) d",
+    )
+    .bind(ts(window_from_ms))
+    .bind(seen_until)
+    .fetch_one(&mut *tx)
     .await?;
     // Events dated after `at` that are future-dated: normally none, found through the index.
     let later_future: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -312,13 +327,12 @@ pub async fn postgres(
     .fetch_one(&mut *tx)
     .await?;
     let mut window = HourCounts::new();
-    let (mut window_rows, mut duplicates) = (0u64, 0u64);
-    for (hour, stored, n, dups, mu, mp, long, fut) in rows {
+    let mut window_rows = 0u64;
+    for (hour, stored, n, mu, mp, long, fut) in rows {
         let hour = hour.timestamp_millis().div_euclid(HOUR_MS);
         let event_type = label(stored.unwrap_or_default());
         *window.entry((hour, event_type.clone())).or_default() += n as u64;
         window_rows += n as u64;
-        duplicates += dups.max(0) as u64;
         p.buckets.push(Bucket {
             hour: Some(hour),
             event_type,
@@ -329,7 +343,7 @@ pub async fn postgres(
             future: fut as u64,
         });
     }
-    p.duplicates = Some((duplicates, window_rows));
+    p.duplicates = Some((duplicates.max(0) as u64, window_rows));
     if later_future > 0 {
         p.buckets.push(Bucket {
             future: later_future as u64,
