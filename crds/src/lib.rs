@@ -30,7 +30,8 @@ pub use feature_definition::{
     Entity, FeatureDefinition, FeatureDefinitionSpec, FeatureDefinitionStatus, ValueType,
 };
 pub use model_deployment::{
-    ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, RolloutRecord, RolloutStep, Stage,
+    ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, RolloutRecord, RolloutStep,
+    ScorerAuth, Stage,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -144,6 +144,31 @@ pub struct ScorerSpec {
     /// the starting point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<ScorerAutoscaling>,
+
+    /// Who may call the scorer. Without it, the operator's default tokens Secret applies
+    /// (the chart's `scorer.auth.tokensSecret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<ScorerAuth>,
+}
+
+/// Authentication of the scorer's API (docs/http-api.md#authentication).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScorerAuth {
+    /// Secret in this namespace with one key per client: the key is the client's name, the
+    /// value its bearer token (at least 16 bytes). A key ending in `.read` is a read-only
+    /// client. Writes (`POST /v1/events`) need a token. Change the Secret to rotate: the
+    /// scorer picks it up without a restart. A missing Secret refuses every write.
+    #[schemars(length(min = 1, max = 253))]
+    pub tokens_secret: String,
+    /// Whether reads need a token too.
+    #[serde(default)]
+    pub protect_reads: bool,
+    /// Events each client may post per second, sustained (default 5,000; 0 turns the limit
+    /// off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10_000_000))]
+    pub ingest_rate_per_client: Option<u32>,
 }
 
 /// Autoscaling of the scorer pods on CPU.
@@ -178,6 +203,7 @@ impl Default for ScorerSpec {
             image: None,
             resources: None,
             autoscaling: None,
+            auth: None,
         }
     }
 }

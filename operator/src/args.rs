@@ -102,6 +102,12 @@ pub struct Args {
     #[arg(long, env = "RECSYS_SCORER_TOLERATIONS", value_parser = parse_tolerations, default_value = "[]")]
     pub scorer_tolerations: Tolerations,
 
+    /// Secret (in each ModelDeployment's namespace) of the scorer's client tokens, for
+    /// ModelDeployments without `spec.scorer.auth`: one key per client, its bearer token as
+    /// the value. Empty leaves those scorers unauthenticated.
+    #[arg(long, env = "RECSYS_SCORER_AUTH_SECRET", default_value = "")]
+    pub scorer_auth_secret: String,
+
     /// Postgres URL of the feature registry, for example `postgres://recsys@db:5432/recsys`.
     /// Every valid FeatureDefinition version is recorded there, and its status reports the
     /// registration and freshness. Without it definitions are validated only. The operator

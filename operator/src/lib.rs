@@ -44,6 +44,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         scorer_image,
         scorer_node_selector,
         scorer_tolerations,
+        scorer_auth_secret,
         database_url,
         database_max_connections,
         registry_refresh_interval,
@@ -54,6 +55,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         secret: trainer_secret.clone(),
         node_selector: scorer_node_selector.0,
         tolerations: scorer_tolerations.0,
+        auth_secret: (!scorer_auth_secret.is_empty()).then_some(scorer_auth_secret),
     };
     let trainer = controller::batch_job::TrainerSettings {
         image: trainer_image,

@@ -347,10 +347,22 @@ impl Auth {
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             })
             .filter(|t| !t.is_empty());
+        let tokens = self.tokens.load();
+        let none_loaded = || {
+            if tokens.by_digest.is_empty() {
+                format!(
+                    "; the scorer has no tokens: {} holds none (is the tokens Secret created?)",
+                    self.dir.as_deref().unwrap_or(Path::new("")).display()
+                )
+            } else {
+                String::new()
+            }
+        };
         let client = match bearer {
             None if needs_token => {
                 return Err(Refusal::Unauthenticated(format!(
-                    "{what} needs a bearer token (Authorization: Bearer <token>)"
+                    "{what} needs a bearer token (Authorization: Bearer <token>){}",
+                    none_loaded()
                 )));
             }
             None => {
@@ -359,12 +371,13 @@ impl Auth {
                     write: false,
                 });
             }
-            Some(token) => match self.tokens.load().by_digest.get(&digest(token.as_bytes())) {
+            Some(token) => match tokens.by_digest.get(&digest(token.as_bytes())) {
                 Some(c) => c.clone(),
                 None if needs_token => {
-                    return Err(Refusal::Unauthenticated(
-                        "the bearer token is not one of the scorer's tokens (revoked, mistyped, or not yet loaded)".into(),
-                    ));
+                    return Err(Refusal::Unauthenticated(format!(
+                        "the bearer token is not one of the scorer's tokens (revoked, mistyped, or not yet loaded){}",
+                        none_loaded()
+                    )));
                 }
                 None => {
                     return Ok(Client {
@@ -629,6 +642,22 @@ mod tests {
         assert!(
             matches!(a.take(&two, 5000), Err(Refusal::RateLimited(..))),
             "over the burst"
+        );
+    }
+
+    #[test]
+    fn an_empty_directory_refuses_writes_and_says_why() {
+        let dir = tempfile::tempdir().expect("dir");
+        let a = auth(dir.path(), ReadAccess::Open, 0);
+        match a.check(None, None, true, "POST /v1/events") {
+            Err(Refusal::Unauthenticated(m)) => {
+                assert!(m.contains("the scorer has no tokens"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            a.check(None, None, false, "GET /v1/recommendations")
+                .is_ok()
         );
     }
 

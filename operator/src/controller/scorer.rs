@@ -20,8 +20,8 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     HostPathVolumeSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service,
-    ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -56,6 +56,64 @@ pub struct ScorerSettings {
     pub node_selector: BTreeMap<String, String>,
     /// Tolerations of scorer pods.
     pub tolerations: Vec<Toleration>,
+    /// Default tokens Secret of scorers whose ModelDeployment has no `spec.scorer.auth`.
+    pub auth_secret: Option<String>,
+}
+
+/// Where the tokens Secret is mounted in scorer pods.
+pub const TOKENS_DIR: &str = "/var/run/secrets/recsys/scorer-tokens";
+
+/// The scorer's authentication as environment and a volume of the tokens Secret (optional to
+/// exist: without it the directory is empty and every write is refused, so a missing Secret
+/// fails closed without keeping the pods from starting).
+fn auth_env(
+    md: &ModelDeployment,
+    settings: &ScorerSettings,
+) -> (Vec<EnvVar>, Option<(Volume, VolumeMount)>) {
+    let auth = md.spec.scorer.auth.clone().or_else(|| {
+        settings
+            .auth_secret
+            .clone()
+            .map(|tokens_secret| recsys_crds::ScorerAuth {
+                tokens_secret,
+                protect_reads: false,
+                ingest_rate_per_client: None,
+            })
+    });
+    let Some(auth) = auth else {
+        return (vec![], None);
+    };
+    let value = |name: &str, v: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(v),
+        ..Default::default()
+    };
+    let mut env = vec![value(
+        "RECSYS_SCORER_AUTH_TOKENS_DIR",
+        TOKENS_DIR.to_owned(),
+    )];
+    if auth.protect_reads {
+        env.push(value("RECSYS_SCORER_AUTH_READS", "token".to_owned()));
+    }
+    if let Some(rate) = auth.ingest_rate_per_client {
+        env.push(value("RECSYS_SCORER_INGEST_RATE", rate.to_string()));
+    }
+    let volume = Volume {
+        name: "scorer-tokens".to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(auth.tokens_secret),
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mount = VolumeMount {
+        name: "scorer-tokens".to_owned(),
+        mount_path: TOKENS_DIR.to_owned(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    (env, Some((volume, mount)))
 }
 
 /// Name of every scorer object of `md`.
@@ -263,6 +321,10 @@ pub fn deployment(md: &ModelDeployment, settings: &ScorerSettings) -> Deployment
     ];
     // After envFrom in precedence: the ModelDeployment's store wins over the shared config.
     env.extend(artifact_env);
+    let (auth_env, tokens) = auth_env(md, settings);
+    env.extend(auth_env);
+    let (volumes, mounts): (Vec<Volume>, Vec<VolumeMount>) =
+        volume.into_iter().chain(tokens).unzip();
     let env_from = super::batch_job::build::shared_env_from(
         settings.config_map.as_deref(),
         settings.secret.as_deref(),
@@ -299,7 +361,7 @@ pub fn deployment(md: &ModelDeployment, settings: &ScorerSettings) -> Deployment
             }),
             ..Default::default()
         }),
-        volume_mounts: volume.as_ref().map(|(_, m)| vec![m.clone()]),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ..Default::default()
     };
     Deployment {
@@ -337,7 +399,7 @@ pub fn deployment(md: &ModelDeployment, settings: &ScorerSettings) -> Deployment
                         ..Default::default()
                     }),
                     containers: vec![container],
-                    volumes: volume.map(|(v, _)| vec![v]),
+                    volumes: (!volumes.is_empty()).then_some(volumes),
                     node_selector: (!settings.node_selector.is_empty())
                         .then(|| settings.node_selector.clone()),
                     tolerations: (!settings.tolerations.is_empty())
@@ -452,6 +514,7 @@ spec:
             secret: Some("recsys-secrets".into()),
             node_selector: BTreeMap::from([("pool".into(), "serving".into())]),
             tolerations: vec![],
+            auth_secret: None,
         }
     }
 
@@ -609,5 +672,75 @@ spec:
             Some(IntOrString::Int(1))
         );
         assert_eq!(service_url(&m), "http://als-scorer.shop.svc");
+    }
+
+    #[test]
+    fn the_tokens_secret_is_mounted_from_the_spec_or_the_operator_default() {
+        let pod_of = |d: &Deployment| {
+            d.spec
+                .as_ref()
+                .and_then(|s| s.template.spec.clone())
+                .expect("pod")
+        };
+        // No auth anywhere: nothing mounted, nothing set.
+        let d = deployment(&md(ALS), &settings());
+        assert!(!env_of(&d).contains_key("RECSYS_SCORER_AUTH_TOKENS_DIR"));
+        assert!(pod_of(&d).volumes.is_none());
+        // The operator's default.
+        let mut s = settings();
+        s.auth_secret = Some("recsys-scorer-tokens".into());
+        let d = deployment(&md(ALS), &s);
+        assert_eq!(
+            env_of(&d)["RECSYS_SCORER_AUTH_TOKENS_DIR"].value.as_deref(),
+            Some(TOKENS_DIR)
+        );
+        let pod = pod_of(&d);
+        let v = &pod.volumes.as_ref().expect("volumes")[0];
+        let secret = v.secret.as_ref().expect("secret volume");
+        assert_eq!(
+            (secret.secret_name.as_deref(), secret.optional),
+            (Some("recsys-scorer-tokens"), Some(true))
+        );
+        let m = &pod.containers[0].volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(
+            (m.mount_path.as_str(), m.read_only),
+            (TOKENS_DIR, Some(true))
+        );
+        assert!(!env_of(&d).contains_key("RECSYS_SCORER_AUTH_READS"));
+        // The ModelDeployment's own wins, with its read protection and rate.
+        let mut m = md(ALS);
+        m.spec.scorer.auth = Some(
+            serde_yaml::from_str(
+                "{tokensSecret: shop-tokens, protectReads: true, ingestRatePerClient: 200}",
+            )
+            .expect("yaml"),
+        );
+        let d = deployment(&m, &s);
+        let env = env_of(&d);
+        assert_eq!(
+            env["RECSYS_SCORER_AUTH_READS"].value.as_deref(),
+            Some("token")
+        );
+        assert_eq!(
+            env["RECSYS_SCORER_INGEST_RATE"].value.as_deref(),
+            Some("200")
+        );
+        let pod = pod_of(&d);
+        assert_eq!(
+            pod.volumes.as_ref().expect("volumes")[0]
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some("shop-tokens")
+        );
+        // With a local artifact store too: both mounted.
+        m.spec.artifacts =
+            serde_yaml::from_str("{uri: 'file:///var/lib/recsys/artifacts'}").expect("yaml");
+        let pod = pod_of(&deployment(&m, &s));
+        assert_eq!(pod.volumes.as_ref().map(Vec::len), Some(2));
+        assert_eq!(
+            pod.containers[0].volume_mounts.as_ref().map(Vec::len),
+            Some(2)
+        );
     }
 }
