@@ -44,23 +44,76 @@ impl StoreError {
     }
 }
 
-/// Removes the password from a URL so it can be logged.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
-        }
-        _ => url.to_owned(),
+/// Query parameters whose values are credentials, matched case-insensitively as substrings
+/// of the parameter's name: libpq's `password` and `sslpassword`, `token`, `secret`, S3
+/// presigned `X-Amz-Signature` and `X-Amz-Credential`, `api_key`, `auth`.
+const SECRET_PARAMS: [&str; 8] = [
+    "pass",
+    "pwd",
+    "secret",
+    "token",
+    "signature",
+    "credential",
+    "key",
+    "auth",
+];
+
+/// A URL as it may be logged, shown on `/readyz` or written to a resource's status: the
+/// userinfo password (`postgres://user:secret@…`, `redis://:secret@…`) and the values of
+/// credential-like query parameters (`?password=…`, `?sslpassword=…`, `?token=…`) replaced by
+/// `***`. Something that does not parse as a URL is shown as its scheme only
+/// (`postgres://***`), since where its secret sits cannot be told.
+pub fn redact_url(raw: &str) -> String {
+    let Ok(mut url) = url::Url::parse(raw) else {
+        return match raw.split_once("://") {
+            Some((scheme, _))
+                if !scheme.is_empty()
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+            {
+                format!("{scheme}://***")
+            }
+            _ if raw.contains('@') || raw.contains('=') => "***".to_owned(),
+            _ => raw.to_owned(),
+        };
+    };
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
     }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let secret = {
+                    let k = k.to_ascii_lowercase();
+                    SECRET_PARAMS.iter().any(|s| k.contains(s))
+                };
+                (
+                    k.into_owned(),
+                    if secret {
+                        "***".to_owned()
+                    } else {
+                        v.into_owned()
+                    },
+                )
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // The `***` set above comes back percent-encoded (`%2A%2A%2A`); show it as written.
+    url.to_string().replace("%2A%2A%2A", "***")
 }
 
 /// Postgres options.
 #[derive(Args, Clone, Debug)]
 pub struct PostgresArgs {
     /// Postgres URL, for example `postgres://recsys@db:5432/recsys`.
-    #[arg(long = "database-url", env = "RECSYS_DATABASE_URL")]
+    #[arg(
+        long = "database-url",
+        env = "RECSYS_DATABASE_URL",
+        hide_env_values = true
+    )]
     pub url: String,
     /// Largest number of pooled connections.
     #[arg(
@@ -102,7 +155,7 @@ pub(crate) fn redis_unavailable(e: &redis::RedisError) -> bool {
 #[derive(Args, Clone, Debug)]
 pub struct RedisArgs {
     /// Redis URL, for example `redis://cache:6379/0`.
-    #[arg(long = "redis-url", env = "RECSYS_REDIS_URL")]
+    #[arg(long = "redis-url", env = "RECSYS_REDIS_URL", hide_env_values = true)]
     pub url: String,
 }
 
@@ -269,6 +322,46 @@ mod tests {
             "postgres://recsys:***@db:5432/recsys"
         );
         assert_eq!(redact_url("redis://cache:6379/0"), "redis://cache:6379/0");
+        for (raw, shown) in [
+            // Redis: a password without a user, and ACL users.
+            (
+                "redis://:hunter22@cache:6379/0",
+                "redis://:***@cache:6379/0",
+            ),
+            (
+                "rediss://app:hunter22@cache:6380",
+                "rediss://app:***@cache:6380",
+            ),
+            // libpq parameters, mixed with harmless ones (kept).
+            (
+                "postgres://recsys@db/recsys?password=hunter22&sslmode=require",
+                "postgres://recsys@db/recsys?password=***&sslmode=require",
+            ),
+            (
+                "postgresql://db/recsys?user=recsys&sslpassword=hunter22&PassWord=hunter22",
+                "postgresql://db/recsys?user=recsys&sslpassword=***&PassWord=***",
+            ),
+            // Percent-encoded passwords and presigned S3 URLs.
+            ("postgres://u:hun%40ter22@db/x", "postgres://u:***@db/x"),
+            (
+                "https://s3.example/b/k?X-Amz-Credential=AKIA1&X-Amz-Signature=abcd&x-id=GetObject",
+                "https://s3.example/b/k?X-Amz-Credential=***&X-Amz-Signature=***&x-id=GetObject",
+            ),
+            (
+                "http://127.0.0.1:8080/?api_key=hunter22",
+                "http://127.0.0.1:8080/?api_key=***",
+            ),
+            // What does not parse shows its scheme only.
+            ("postgres://u:hunter22@db:notaport/x", "postgres://***"),
+            ("host=db password=hunter22", "***"),
+        ] {
+            let r = redact_url(raw);
+            assert_eq!(r, shown, "{raw}");
+            assert!(
+                !r.contains("hunter22") && !r.contains("AKIA1"),
+                "{raw} -> {r}"
+            );
+        }
     }
 
     #[tokio::test]

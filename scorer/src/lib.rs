@@ -100,14 +100,14 @@ pub struct Args {
 pub struct FeatureArgs {
     /// Redis URL of the online store, for example `redis://cache:6379/0`. Without it, the
     /// online store is in-process, warmed from the offline store.
-    #[arg(long, env = "RECSYS_REDIS_URL")]
+    #[arg(long, env = "RECSYS_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Key prefix of the online store in Redis (`[A-Za-z0-9_.-]{1,64}`).
     #[arg(long, env = "RECSYS_REDIS_PREFIX", default_value = "rs")]
     pub redis_prefix: String,
     /// Postgres URL of the feature registry and the offline store. Without it (and without
     /// `--redis-url`: local mode), both are files under `--data-dir`.
-    #[arg(long, env = "RECSYS_DATABASE_URL")]
+    #[arg(long, env = "RECSYS_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Largest number of pooled Postgres connections.
     #[arg(long, env = "RECSYS_DATABASE_MAX_CONNECTIONS", default_value_t = 8)]

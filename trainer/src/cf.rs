@@ -116,7 +116,7 @@ pub struct SourceArgs {
     #[arg(long, value_enum, default_value_t = FileFormat::Auto)]
     pub format: FileFormat,
     /// Postgres URL of the `events` table.
-    #[arg(long, env = "RECSYS_DATABASE_URL")]
+    #[arg(long, env = "RECSYS_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Only events at or after this time (RFC 3339), Postgres source.
     #[arg(long)]

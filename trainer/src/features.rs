@@ -187,11 +187,11 @@ pub struct FeatureStoreArgs {
     pub format: FileFormat,
     /// Postgres: the events table, the offline store and the feature registry. Without it
     /// (local mode), the offline store and registry are files under `--data-dir`.
-    #[arg(long, env = "RECSYS_DATABASE_URL")]
+    #[arg(long, env = "RECSYS_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Redis online store. Required with `--database-url` for features served online; in local
     /// mode the scorer serves from the offline store's latest values.
-    #[arg(long, env = "RECSYS_REDIS_URL")]
+    #[arg(long, env = "RECSYS_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
     /// Key prefix in Redis.
     #[arg(long, env = "RECSYS_REDIS_PREFIX", default_value = DEFAULT_PREFIX)]

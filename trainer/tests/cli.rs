@@ -443,3 +443,33 @@ fn versions_compare_with_a_registered_one_and_the_summary_says_so() {
         "{c:?}"
     );
 }
+
+#[test]
+fn help_never_shows_a_credential_from_the_environment() {
+    for job in [
+        "popularity",
+        "cf-train",
+        "backfill",
+        "data-quality",
+        "evaluate",
+    ] {
+        let out = run(trainer()
+            .args([job, "--help"])
+            .env(
+                "RECSYS_DATABASE_URL",
+                "postgres://recsys:hunter22@db/recsys",
+            )
+            .env("RECSYS_REDIS_URL", "redis://:hunter22@cache:6379/0")
+            .env("AWS_SECRET_ACCESS_KEY", "hunter22"));
+        let t = text(&out);
+        assert!(out.status.success(), "{job} --help: {t}");
+        assert!(
+            job == "evaluate" || t.contains("RECSYS_DATABASE_URL"),
+            "{job}: the option is documented: {t}"
+        );
+        assert!(
+            !t.contains("hunter22"),
+            "{job} --help shows a credential:\n{t}"
+        );
+    }
+}

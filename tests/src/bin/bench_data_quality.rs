@@ -18,7 +18,7 @@ use sqlx::{Connection as _, PgPool};
 struct Args {
     /// Postgres server URL (a database `bench_dq_<events>` is created on it, and reused by
     /// later runs); the test environment's (`RECSYS_TEST_DATABASE_URL`) when unset.
-    #[arg(long, env = "RECSYS_BENCH_DATABASE_URL")]
+    #[arg(long, env = "RECSYS_BENCH_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     /// Events in the table: four weeks of them, ending now.
     #[arg(long, env = "RECSYS_BENCH_EVENTS", default_value_t = 10_000_000)]

@@ -33,7 +33,7 @@ use recsys_scorer::features::{FeatureService, ServiceOptions};
 #[command(version, about)]
 struct Args {
     /// Redis URL; the test environment's (`RECSYS_TEST_REDIS_URL`) when unset.
-    #[arg(long, env = "RECSYS_BENCH_REDIS_URL")]
+    #[arg(long, env = "RECSYS_BENCH_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Timed requests per shape and path.
     #[arg(long, env = "RECSYS_BENCH_REQUESTS", default_value_t = 2000)]
