@@ -46,6 +46,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::features::http::ApiError;
 use arc_swap::ArcSwap;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -53,7 +54,6 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Json, Response};
 use governor::clock::{Clock as _, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use recsys_core::features::online::http::ApiError;
 use sha2::{Digest, Sha256};
 
 use crate::ScorerError;

@@ -38,6 +38,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::features::http::ApiError;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
@@ -46,7 +47,6 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use clap::Parser;
 use recsys_core::features::offline::PostgresOfflineStore;
-use recsys_core::features::online::http::ApiError;
 use recsys_core::features::online::{
     FeatureReader, NearCacheOptions, OfflineFallback, ReaderOptions, now_ms,
 };

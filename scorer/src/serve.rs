@@ -36,11 +36,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::features::http::ApiError;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
-use recsys_core::features::online::http::ApiError;
 use tower::BoxError;
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;

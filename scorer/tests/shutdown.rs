@@ -48,7 +48,7 @@ async fn sigterm_under_load_fails_no_request_and_logs_no_token() -> anyhow::Resu
         .kill_on_drop(true)
         .spawn()?;
     let addr = bind.parse()?;
-    wait_for(Duration::from_secs(60), "scorer ready", || async {
+    wait_for(Duration::from_secs(180), "scorer ready", || async {
         Ok(http_json(addr, "GET", "/readyz", None)
             .await
             .is_ok_and(|(s, _)| s == 200))

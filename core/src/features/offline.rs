@@ -324,7 +324,7 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 /// Whether `name` is a feature name: `[a-z][a-z0-9_]*`, at most 63 bytes.
-pub(crate) fn valid_feature_name(name: &str) -> bool {
+pub fn valid_feature_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     matches!(bytes.next(), Some(b'a'..=b'z'))
         && name.len() <= 63

@@ -909,7 +909,7 @@ pub(crate) fn sort_versions(records: &mut [RegisteredFeature]) {
 }
 
 /// Picks a version of one feature's records.
-pub(crate) fn select(
+pub fn select(
     records: &[RegisteredFeature],
     selector: &VersionSelector,
 ) -> Option<RegisteredFeature> {

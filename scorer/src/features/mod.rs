@@ -1,7 +1,7 @@
 //! Feature serving: the feature catalog (from the registry, refreshed in the background), reads
 //! through a [`FeatureReader`] (online store, offline fallback, time budget), and discovery.
 //! The HTTP routes over it are in [`routes`]; the JSON shapes in
-//! `recsys_core::features::online::http`.
+//! `crate::features::http`.
 //!
 //! - **Catalog.** [`FeatureService::refresh`] lists the registry and keeps, for every major
 //!   version not retired, the version the registry picks for it when that is `online`, with
@@ -15,17 +15,18 @@
 //!   does not answer, the answer comes from the last list of the registry, marked
 //!   `"source": "cache"` with a warning.
 
+pub mod http;
 pub mod routes;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use recsys_core::features::offline::OfflineStore;
-use recsys_core::features::online::http::{
+use crate::features::http::{
     ApiError, BatchResponse, FeatureCatalog, FeatureDetail, FeatureList, FeatureSummary, Source,
     check_entities, check_feature_name,
 };
+use recsys_core::features::offline::OfflineStore;
 use recsys_core::features::online::{
     FeatureReader, OnlineStore, StoreOutcome, now_ms, warm_from_offline,
 };

@@ -15,6 +15,10 @@
 
 use std::sync::Arc;
 
+use crate::features::http::{
+    ApiError, BatchRequest, BatchResponse, FeatureDetail, FeatureList, parse_discovery_query,
+    parse_features_query, path_entity,
+};
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -22,10 +26,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use recsys_core::features::EntityKind;
-use recsys_core::features::online::http::{
-    ApiError, BatchRequest, BatchResponse, FeatureDetail, FeatureList, parse_discovery_query,
-    parse_features_query, path_entity,
-};
 
 use super::FeatureService;
 

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::features::http::ApiError;
 use axum::Json;
 use axum::extract::{RawQuery, State};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -26,7 +27,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use recsys_core::events::EventRow;
-use recsys_core::features::online::http::ApiError;
 use recsys_core::serving::experiment::{
     ExperimentStore, ExperimentsAnswer, Impression, Readout, Segment, attribute_events, readout,
 };

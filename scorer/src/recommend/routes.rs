@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::features::http::ApiError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
@@ -20,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use recsys_core::events::{EventRow, parse_json_event};
-use recsys_core::features::online::http::ApiError;
 use recsys_core::serving::users::UserStates;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -21,12 +21,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::features::http::ApiError;
 use arc_swap::ArcSwapOption;
 use recsys_core::artifacts::ArtifactStore;
 use recsys_core::cf::interactions::EventType;
 use recsys_core::cf::serving::ServingModel;
 use recsys_core::features::online::OnlineFeature;
-use recsys_core::features::online::http::ApiError;
 use recsys_core::features::rankings::{Rankings, read_rankings};
 use recsys_core::features::{EntityKey, FeatureRef, FeatureValue};
 use recsys_core::serving::routing::Variant;

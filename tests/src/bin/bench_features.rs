@@ -18,7 +18,6 @@ use clap::Parser;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use recsys_core::features::online::http::{BatchRequest, BatchResponse};
 use recsys_core::features::online::{
     FeatureReader, NearCacheOptions, NoFallback, OnlineFeature, OnlineStore, ReaderOptions,
     RedisOnlineStore, RedisOnlineStoreOptions, StoreOutcome, now_ms,
@@ -26,6 +25,7 @@ use recsys_core::features::online::{
 use recsys_core::features::registry::{FeatureRegistry, FeatureSpec, InProcessFeatureRegistry};
 use recsys_core::features::{EntityKey, FeatureRef, FeatureValue, StoredValue};
 use recsys_scorer::AppState;
+use recsys_scorer::features::http::{BatchRequest, BatchResponse};
 use recsys_scorer::features::{FeatureService, ServiceOptions};
 
 /// Benchmark online-feature reads (recsys, optionally against Feast).

@@ -124,7 +124,6 @@
 
 pub(crate) mod codec;
 mod fallback;
-pub mod http;
 mod memory;
 mod metrics;
 mod near_cache;
@@ -139,8 +138,8 @@ use async_trait::async_trait;
 use crate::features::{EntityKey, FeatureRef, StoredValue};
 
 pub use codec::{
-    FORMAT_VERSION, HEADER_LEN, decode_at, encode, entity_key, field, parse_entity_key,
-    parse_field, supersedes,
+    FORMAT_VERSION, HEADER_LEN, MAX_ENTITY_ID_LEN, decode_at, encode, entity_key, field,
+    parse_entity_key, parse_field, supersedes,
 };
 pub use fallback::{Fallback, FallbackChain, MemoryFallback, NoFallback, OfflineFallback};
 pub use memory::InProcessOnlineStore;

@@ -1,6 +1,7 @@
-//! The HTTP shapes of online-feature reads and feature discovery, without a server (core has
-//! no axum): the scorer (and the benchmark, through the scorer's router) mounts these routes
-//! over these types, a [`super::FeatureReader`] and a [`FeatureRegistry`](crate::features::registry::FeatureRegistry).
+//! The HTTP shapes of online-feature reads and feature discovery: the scorer's routes
+//! ([`super::routes`]) over these types, a [`FeatureReader`](recsys_core::features::online::FeatureReader)
+//! and a [`FeatureRegistry`](recsys_core::features::registry::FeatureRegistry). Core knows
+//! nothing of HTTP; status codes are decided here ([`ApiError::status`]).
 //!
 //! - `POST /v1/features/batch` with [`BatchRequest`] → [`BatchResponse`]
 //! - `GET /v1/features/users/{id}?features=a,b@v2` → [`BatchResponse`] of one row
@@ -22,15 +23,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::features::offline::valid_feature_name;
-use crate::features::registry::{
+use recsys_core::features::offline::valid_feature_name;
+use recsys_core::features::online::{FeatureBatch, MAX_ENTITY_ID_LEN, OnlineError, OnlineFeature};
+use recsys_core::features::registry::{
     FeatureSpec, Lifecycle, Materialization, Query, RegisteredFeature, RegistryError, ValueType,
     VersionSelector, select,
 };
-use crate::features::{EntityKey, EntityKind, FeatureRef, FeatureValue, Freshness};
-
-use super::codec::MAX_ENTITY_ID_LEN;
-use super::{FeatureBatch, OnlineError, OnlineFeature};
+use recsys_core::features::{EntityKey, EntityKind, FeatureRef, FeatureValue, Freshness};
 
 /// Most entities in one request.
 pub const MAX_ENTITIES: usize = 1_000;
@@ -279,7 +278,7 @@ pub struct CatalogFeature {
 }
 
 /// The online feature versions of the registry's `records` (every version of every feature,
-/// as [`FeatureRegistry::list`](crate::features::registry::FeatureRegistry::list) returns
+/// as [`FeatureRegistry::list`](recsys_core::features::registry::FeatureRegistry::list) returns
 /// them): for each name and major version with a version that is not retired, the version
 /// the registry picks for that major ([`VersionSelector::Major`]: active before deprecated,
 /// releases before pre-releases, then the highest), when its spec is `online`, with the TTL
@@ -930,7 +929,7 @@ impl FeatureDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::online::{ServedValue, StoreOutcome};
+    use recsys_core::features::online::{ServedValue, StoreOutcome};
 
     fn catalog() -> FeatureCatalog {
         FeatureCatalog::new([
