@@ -50,6 +50,12 @@ impl From<ApiError> for HttpError {
     }
 }
 
+impl From<crate::recommend::service::RecommendError> for HttpError {
+    fn from(e: crate::recommend::service::RecommendError) -> Self {
+        Self(e.into())
+    }
+}
+
 /// The OpenAPI description of these routes.
 #[derive(utoipa::OpenApi)]
 #[openapi(paths(batch, user, product, list, describe))]

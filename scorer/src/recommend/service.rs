@@ -186,8 +186,66 @@ impl std::fmt::Debug for Recommender {
     }
 }
 
-fn bad_request(message: String) -> ApiError {
-    ApiError::bad_request("InvalidRequest", message)
+/// Why a recommendation or a score was not given: the domain's errors. The HTTP status of each
+/// is decided in one place, [`RecommendError::status_code`].
+#[derive(Debug, thiserror::Error)]
+pub enum RecommendError {
+    /// The request is wrong: the message names the field.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The request names a model the routing table does not route.
+    #[error("model: no model {model:?} is served (the routing table names {served})")]
+    UnknownModel {
+        /// The model asked for.
+        model: String,
+        /// The models the table routes, comma-separated.
+        served: String,
+    },
+    /// No version of the model is loaded and no popularity rankings are available yet.
+    #[error("no version of model {model:?} is loaded and no popularity rankings are available yet")]
+    NothingToServe {
+        /// The model.
+        model: String,
+    },
+    /// The scorer is shutting down.
+    #[error("the scorer is shutting down")]
+    ShuttingDown,
+    /// A bug: the scoring task failed.
+    #[error("scoring failed: {0}")]
+    Internal(String),
+}
+
+impl RecommendError {
+    /// Stable label (the `error` of an answer).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "InvalidRequest",
+            Self::UnknownModel { .. } => "UnknownModel",
+            Self::NothingToServe { .. } => "NothingToServe",
+            Self::ShuttingDown => "ShuttingDown",
+            Self::Internal(_) => "Internal",
+        }
+    }
+
+    /// The HTTP status of the error.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            Self::InvalidRequest(_) => 400,
+            Self::UnknownModel { .. } => 404,
+            Self::NothingToServe { .. } | Self::ShuttingDown => 503,
+            Self::Internal(_) => 500,
+        }
+    }
+}
+
+impl From<RecommendError> for ApiError {
+    fn from(e: RecommendError) -> Self {
+        ApiError::new(e.status_code(), e.kind(), e.to_string())
+    }
+}
+
+fn bad_request(message: String) -> RecommendError {
+    RecommendError::InvalidRequest(message)
 }
 
 impl Recommender {
@@ -283,12 +341,12 @@ impl Recommender {
         }
     }
 
-    fn check_user(user_id: &str) -> Result<(), ApiError> {
+    fn check_user(user_id: &str) -> Result<(), RecommendError> {
         recsys_core::serving::users::validate_user_id(user_id)
             .map_err(|e| bad_request(format!("user_id: {e}")))
     }
 
-    fn check_product(field: &str, id: &str) -> Result<(), ApiError> {
+    fn check_product(field: &str, id: &str) -> Result<(), RecommendError> {
         if id.is_empty() || id.len() > 512 || id.chars().any(char::is_control) {
             return Err(bad_request(format!(
                 "{field}: {:?} is not a product id (1–512 characters, no control characters)",
@@ -303,29 +361,23 @@ impl Recommender {
         &self,
         model: &str,
         user_id: &str,
-    ) -> Result<(Option<Resolved>, Option<UserState>), ApiError> {
+    ) -> Result<(Option<Resolved>, Option<UserState>), RecommendError> {
         let snapshot = self.models.snapshot();
         let resolved = match snapshot.resolve(model, Some(user_id)) {
             Ok(r) => Some(r),
             Err(crate::models::ResolveError::UnknownModel(m))
                 if snapshot.table.as_ref().is_some_and(|t| !t.is_empty()) =>
             {
-                return Err(ApiError::new(
-                    404,
-                    "UnknownModel",
-                    format!(
-                        "model: no model {m:?} is served (the routing table names {})",
-                        {
-                            let t = snapshot.table.as_ref().map(|t| {
-                                t.routes()
-                                    .map(|r| r.model().to_owned())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            });
-                            t.unwrap_or_default()
-                        }
-                    ),
-                ));
+                let served = snapshot.table.as_ref().map(|t| {
+                    t.routes()
+                        .map(|r| r.model().to_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                });
+                return Err(RecommendError::UnknownModel {
+                    model: m,
+                    served: served.unwrap_or_default(),
+                });
             }
             Err(e) => {
                 debug!(error = %e, "no model: popularity only");
@@ -419,17 +471,18 @@ impl Recommender {
         &self,
         cost: usize,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let _permit =
-            self.scans.acquire().await.map_err(|_| {
-                ApiError::unavailable("ShuttingDown", "the scorer is shutting down")
-            })?;
+    ) -> Result<T, RecommendError> {
+        let _permit = self
+            .scans
+            .acquire()
+            .await
+            .map_err(|_| RecommendError::ShuttingDown)?;
         if cost <= self.options.inline_scan_max {
             return Ok(f());
         }
         tokio::task::spawn_blocking(f)
             .await
-            .map_err(|e| ApiError::new(500, "Internal", format!("scoring failed: {e}")))
+            .map_err(|e| RecommendError::Internal(e.to_string()))
     }
 
     fn resolve(&self, f: &FeatureRef) -> Option<OnlineFeature> {
@@ -513,7 +566,7 @@ impl Recommender {
     }
 
     /// `GET /v1/recommendations`.
-    pub async fn recommend(&self, req: RecommendRequest) -> Result<Answer, ApiError> {
+    pub async fn recommend(&self, req: RecommendRequest) -> Result<Answer, RecommendError> {
         let (model, user) = (req.model.clone(), req.user_id.clone());
         let answer = self.recommend_steps(req).await;
         if let Err(e) = &answer {
@@ -524,8 +577,14 @@ impl Recommender {
 
     /// Counts a request that failed on the server's side against the variant its user is
     /// routed to (the rollout analysis compares the variants' error rates).
-    fn failed(&self, endpoint: &'static str, model: Option<String>, user: &str, e: &ApiError) {
-        if e.status < 500 {
+    fn failed(
+        &self,
+        endpoint: &'static str,
+        model: Option<String>,
+        user: &str,
+        e: &RecommendError,
+    ) {
+        if e.status_code() < 500 {
             return;
         }
         let model = model.unwrap_or_else(|| self.options.default_model.clone());
@@ -538,7 +597,7 @@ impl Recommender {
         self.metrics.failed(endpoint, variant);
     }
 
-    async fn recommend_steps(&self, req: RecommendRequest) -> Result<Answer, ApiError> {
+    async fn recommend_steps(&self, req: RecommendRequest) -> Result<Answer, RecommendError> {
         let started = Instant::now();
         Self::check_user(&req.user_id)?;
         if req.k == 0 || req.k > self.options.max_k {
@@ -562,12 +621,7 @@ impl Recommender {
         let factors = state.as_ref().and_then(|s| s.factors.clone());
         let (share, path) = self.share_and_path(state.as_ref());
         if resolved.is_none() && rankings.is_none() {
-            return Err(ApiError::unavailable(
-                "NothingToServe",
-                format!(
-                    "no version of model {model_name:?} is loaded and no popularity rankings are available yet"
-                ),
-            ));
+            return Err(RecommendError::NothingToServe { model: model_name });
         }
         let fetch = req.k * self.options.overfetch.max(1);
         let seen_rows: Vec<u32> = state.as_ref().map(|s| s.seen.clone()).unwrap_or_default();
@@ -768,7 +822,7 @@ impl Recommender {
         user_id: String,
         product_ids: Vec<String>,
         model: Option<String>,
-    ) -> Result<Answer, ApiError> {
+    ) -> Result<Answer, RecommendError> {
         let user = user_id.clone();
         let answer = self.score_steps(user_id, product_ids, model.clone()).await;
         if let Err(e) = &answer {
@@ -782,7 +836,7 @@ impl Recommender {
         user_id: String,
         product_ids: Vec<String>,
         model: Option<String>,
-    ) -> Result<Answer, ApiError> {
+    ) -> Result<Answer, RecommendError> {
         let started = Instant::now();
         Self::check_user(&user_id)?;
         if product_ids.is_empty() || product_ids.len() > self.options.max_candidates {
