@@ -684,63 +684,6 @@ async fn end_to_end(
     assert_eq!(answer["path"], json!("cf"), "u7 was trained with: {answer}");
     let items = answer["items"].as_array().context("items")?;
     assert_eq!(items.len(), 5, "{answer}");
-    // ---- event ingestion through the Service: refused without a token, accepted with the
-    // one in the tokens Secret the chart names.
-    let events_url = format!("http://{scorer_name}.{n}.svc.cluster.local/v1/events");
-    let event = r#"{"events":[{"user_id":"u7","product_id":"p1","event_type":"click","timestamp":1700000000000}]}"#;
-    let post = |auth: Option<String>| {
-        let mut args: Vec<String> = [
-            "wget",
-            "-q",
-            "-O",
-            "-",
-            "--header",
-            "Content-Type: application/json",
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        if let Some(a) = auth {
-            args.extend(["--header".to_owned(), a]);
-        }
-        args.extend([
-            "--post-data".to_owned(),
-            event.to_owned(),
-            events_url.clone(),
-        ]);
-        args
-    };
-    let anonymous = post(None);
-    let anonymous: Vec<&str> = anonymous.iter().map(String::as_str).collect();
-    let (code, out) = node
-        .toolbox_run(
-            &env,
-            client,
-            n,
-            "ingest-anonymous",
-            &anonymous,
-            Duration::from_secs(60),
-        )
-        .await?;
-    assert!(
-        code != 0 && out.contains("401"),
-        "an anonymous write: {code} {out}"
-    );
-    let with_token = post(Some(format!("Authorization: Bearer {INGEST_TOKEN}")));
-    let with_token: Vec<&str> = with_token.iter().map(String::as_str).collect();
-    let (code, out) = node
-        .toolbox_run(
-            &env,
-            client,
-            n,
-            "ingest-token",
-            &with_token,
-            Duration::from_secs(60),
-        )
-        .await?;
-    assert_eq!(code, 0, "a write with the token: {out}");
-    let accepted: Value =
-        serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))?;
-    assert_eq!(accepted["users"], json!(1), "{accepted}");
     let scorer_pods = pods
         .list(&ListParams::default().labels("app.kubernetes.io/name=recsys-scorer"))
         .await?
@@ -941,6 +884,64 @@ async fn end_to_end(
     )
     .await?;
 
+    // ---- event ingestion through the Service: refused without a token, accepted with the
+    // one in the tokens Secret the chart names. Last, since the event joins the training data
+    // of any later cf-train run.
+    let events_url = format!("http://{scorer_name}.{n}.svc.cluster.local/v1/events");
+    let event = r#"{"events":[{"user_id":"u7","product_id":"p1","event_type":"click","timestamp":1700000000000}]}"#;
+    let post = |auth: Option<String>| {
+        let mut args: Vec<String> = [
+            "wget",
+            "-q",
+            "-O",
+            "-",
+            "--header",
+            "Content-Type: application/json",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        if let Some(a) = auth {
+            args.extend(["--header".to_owned(), a]);
+        }
+        args.extend([
+            "--post-data".to_owned(),
+            event.to_owned(),
+            events_url.clone(),
+        ]);
+        args
+    };
+    let anonymous = post(None);
+    let anonymous: Vec<&str> = anonymous.iter().map(String::as_str).collect();
+    let (code, out) = node
+        .toolbox_run(
+            &env,
+            client,
+            n,
+            "ingest-anonymous",
+            &anonymous,
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert!(
+        code != 0 && out.contains("401"),
+        "an anonymous write: {code} {out}"
+    );
+    let with_token = post(Some(format!("Authorization: Bearer {INGEST_TOKEN}")));
+    let with_token: Vec<&str> = with_token.iter().map(String::as_str).collect();
+    let (code, out) = node
+        .toolbox_run(
+            &env,
+            client,
+            n,
+            "ingest-token",
+            &with_token,
+            Duration::from_secs(60),
+        )
+        .await?;
+    assert_eq!(code, 0, "a write with the token: {out}");
+    let accepted: Value =
+        serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))?;
+    assert_eq!(accepted["users"], json!(1), "{accepted}");
     eprintln!(
         "figures: helm install → operator ready {:.1}s; → first recommendation through the Service {:.1}s; whole test {:.1}s",
         operator_ready.as_secs_f64(),
