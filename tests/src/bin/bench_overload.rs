@@ -142,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
             &["--max-concurrency", &limit_arg, "--request-timeout", "5s"],
         )?;
         let (_scorer, addr) = serve(&scorer_args).await?;
-        let url = format!("http://{addr}/v1/recommendations?user_id=u[1-3][0-9][0-9]&k=10");
+        let url = format!(r"http://{addr}/v1/recommendations\?user_id=u[1-3][0-9][0-9]&k=10");
         let d = |s: u64| format!("{s}s");
         // Warm-up: user states built and cached.
         let run = |extra: Vec<String>| {
@@ -158,6 +158,11 @@ async fn main() -> anyhow::Result<()> {
             args.connections.to_string(),
         ])
         .await??;
+        ensure!(
+            unloaded.ok > 0 && capacity.ok > 0,
+            "no request was answered 200 ({} other answers): is the URL right? {url}",
+            capacity.other
+        );
         let rate = capacity.ok_per_second;
         let before = rss_mib();
         let overload = run(vec![
