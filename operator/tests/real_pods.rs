@@ -163,6 +163,13 @@ async fn scenarios(env: &TestEnv, node: &RealNode, client: &Client, n: &str) -> 
             ("RECSYS_REDIS_PREFIX", &prefix),
         ],
     )?;
+    // The one client that posts clicks to the scorer pods (the chart's default tokens Secret).
+    create_from_literals(
+        env,
+        n,
+        &["secret", "generic", "recsys-scorer-tokens"],
+        &[("experiments", recsys_tests::experiments::CLICKS_TOKEN)],
+    )?;
     let release = format!("recsys-{}", n.rsplit('-').next().unwrap_or("pods"));
     helm_install(env, node, n, &release, &[])?;
 

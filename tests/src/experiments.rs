@@ -11,7 +11,11 @@ use recsys_crds::ModelDeployment;
 use recsys_crds::model_deployment::ExperimentSegment;
 use serde_json::json;
 
-use crate::{http_json, wait_for};
+use crate::{http_full, http_json, wait_for};
+
+/// The bearer token clicks are posted with: the one client of the tokens Secret a test creates
+/// for scorer pods (a scorer without authentication ignores it).
+pub const CLICKS_TOKEN: &str = "experiments-clicks-token-0001";
 
 /// What the traffic generator did, per variant: (impressions, impressions clicked).
 #[derive(Debug, Default)]
@@ -101,7 +105,15 @@ pub async fn post_clicks(
             {"user_id": user, "product_id": product, "event_type": "click", "timestamp": now_ms() + 1}
         ]});
         let addr = addrs[to % addrs.len()];
-        let (status, body) = http_json(addr, "POST", "/v1/events", Some(event)).await?;
+        let auth = format!("Bearer {CLICKS_TOKEN}");
+        let (status, _, body) = http_full(
+            addr,
+            "POST",
+            "/v1/events",
+            &[("authorization", &auth)],
+            Some(event),
+        )
+        .await?;
         anyhow::ensure!(status == 202, "{status}: {body}");
     }
     Ok(())
