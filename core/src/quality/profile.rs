@@ -499,17 +499,20 @@ async fn rollup_counts(
     from: i64,
     to: i64,
 ) -> Result<Result<HourCounts, String>, sqlx::Error> {
-    let state: Option<(bool, Option<String>)> = sqlx::query_as(
-        "SELECT s.valid, s.reason FROM events_hourly_state s
-         WHERE to_regclass('events_hourly') IS NOT NULL",
+    // Asked first, not caught: an error would abort the snapshot's transaction.
+    let exists: bool = sqlx::query_scalar(
+        "SELECT to_regclass('events_hourly') IS NOT NULL
+                AND to_regclass('events_hourly_state') IS NOT NULL",
     )
-    .fetch_optional(&mut *tx)
-    .await
-    .or_else(|e| match e {
-        // No migration 0006 (a table made by hand): no rollup.
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
-        e => Err(e),
-    })?;
+    .fetch_one(&mut *tx)
+    .await?;
+    let state: Option<(bool, Option<String>)> = if exists {
+        sqlx::query_as("SELECT valid, reason FROM events_hourly_state")
+            .fetch_optional(&mut *tx)
+            .await?
+    } else {
+        None
+    };
     match state {
         None => return Ok(Err("no events_hourly rollup (migration 0006)".into())),
         Some((false, reason)) => {
